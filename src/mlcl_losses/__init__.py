@@ -1,6 +1,14 @@
-"""mlcl_losses: multi-level contrastive learning for low-quality medical images (CoMCL)."""
+"""mlcl_losses: multi-level contrastive learning for low-quality medical images (CoMCL).
 
+The pieces of CoMCL (Hou et al., MICCAI 2024, https://arxiv.org/abs/2404.04887) for an
+existing PyTorch training loop: view tags, multi-level pairs, the multi-level contrastive
+loss, self-paced weighting and a hard-negative index.
+"""
+
+from mlcl_losses.functional import LevelStats, multilevel_info_nce
 from mlcl_losses.levels import Level, Select, comcl_levels, level_masks
+from mlcl_losses.loss import MultiLevelContrastiveLoss
+from mlcl_losses.self_paced import PaceSchedule, SelfPacedWeighting
 from mlcl_losses.tags import Kind, Quality, ViewTags
 
 __version__ = "0.1.0"
@@ -8,10 +16,15 @@ __version__ = "0.1.0"
 __all__ = [
     "Kind",
     "Level",
+    "LevelStats",
+    "MultiLevelContrastiveLoss",
+    "PaceSchedule",
     "Quality",
     "Select",
+    "SelfPacedWeighting",
     "ViewTags",
     "__version__",
     "comcl_levels",
     "level_masks",
+    "multilevel_info_nce",
 ]

@@ -194,12 +194,19 @@ class LevelMasks(NamedTuple):
 
 
 def _never_negative(query: ViewTags, keys: ViewTags, level: Level) -> Tensor:
-    """``(Nq, Nk)`` bool: pairs that may never be negatives (same source/image/label)."""
-    forbid = query.source[:, None] == keys.source[None, :]
+    """``(N, M)`` bool: pairs that may never be negatives (same source/image/label).
+
+    ``keys`` has shape ``(M,)`` (shared by all queries) or ``(N, M)`` (one row per query).
+    """
+
+    def pair(q: Tensor, k: Tensor) -> Tensor:
+        return q[:, None] == (k[None, :] if k.dim() == 1 else k)
+
+    forbid = pair(query.source, keys.source)
     if query.image is not None and keys.image is not None:
-        forbid |= query.image[:, None] == keys.image[None, :]
+        forbid |= pair(query.image, keys.image)
     if level.needs_label and query.label is not None and keys.label is not None:
-        forbid |= query.label[:, None] == keys.label[None, :]
+        forbid |= pair(query.label, keys.label)
     return forbid
 
 
@@ -238,14 +245,23 @@ def level_masks(tags: ViewTags, levels: Sequence[Level]) -> list[LevelMasks]:
 
 
 def bank_negative_mask(tags: ViewTags, bank_tags: ViewTags, level: Level) -> Tensor:
-    """``(N, M)`` bool: which bank entries are negatives of each anchor of ``level``.
+    """Which bank entries are negatives of each anchor of ``level``.
 
-    Bank entries are never positives; they are negatives when they pass the level's
-    negative selector and share neither source, image nor (where the level uses
-    labels) label with the anchor. Rows of non-anchors are all False.
+    Args:
+        tags: ``(N,)`` tags of the batch.
+        bank_tags: ``(M,)`` tags of a bank shared by all anchors, or ``(N, k)`` tags of
+            per-anchor candidates (e.g. the hits of :meth:`HardNegativeIndex.search`).
+        level: the level.
+
+    Returns:
+        ``(N, M)`` or ``(N, k)`` bool. Bank entries are never positives; they are negatives
+        when they pass the level's negative selector and share neither source, image nor
+        (where the level uses labels) label with the anchor. Rows of non-anchors are False.
     """
     anchors = level.anchors(tags)
+    shape = (len(tags), bank_tags.shape[-1])
     if not level.bank_negatives:
-        return torch.zeros(len(tags), len(bank_tags), dtype=torch.bool, device=tags.device)
-    mask = anchors[:, None] & level.negatives(bank_tags)[None, :]
+        return torch.zeros(shape, dtype=torch.bool, device=tags.device)
+    selected = level.negatives(bank_tags)
+    mask = anchors[:, None] & (selected[None, :] if selected.dim() == 1 else selected)
     return mask & ~_never_negative(tags, bank_tags, level)

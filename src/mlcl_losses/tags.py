@@ -65,6 +65,8 @@ def _as_int_tensor(name: str, value: Any, device: torch.device | None) -> Tensor
             tensor = torch.as_tensor(value, device=device)
         except (TypeError, ValueError, RuntimeError) as err:
             raise TypeError(f"Expected `{name}` to be an integer tensor or sequence, but got {value!r}") from err
+        if tensor.numel() == 0:  # an empty sequence has no dtype (torch.as_tensor([]) is float)
+            return tensor.long()
     if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
         raise TypeError(f"Expected `{name}` to have an integer dtype, but got {tensor.dtype}")
     return tensor.long()

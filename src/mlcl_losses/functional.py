@@ -1,0 +1,467 @@
+r"""The multi-level contrastive loss as a pure function.
+
+For a level :math:`\ell`, anchor :math:`i` with positives :math:`P(i)`, negatives
+:math:`N(i)` (in-batch and bank) and similarities :math:`s = \cos / \tau`:
+
+.. math::
+
+    l_i = -\frac{1}{|P(i)|} \sum_{p \in P(i)}
+          \log \frac{e^{s_{ip}}}{e^{s_{ip}} + \sum_{n \in N(i)} w_{in} e^{s_{in}}}
+
+and :math:`L = \sum_\ell \mathrm{weight}_\ell \cdot \operatorname{mean}_i l_i` over the
+anchors of each level that have at least one positive and one negative (the others are
+skipped and counted, never turned into NaN). With ``denominator="all"`` the
+denominator also sums over all positives, :math:`\sum_{a \in P(i) \cup N(i)}`, as in
+SupCon (Khosla et al., 2020, https://arxiv.org/abs/2004.11362).
+
+Reductions (proved in the tests): one :meth:`~mlcl_losses.levels.Level.instance` level
+with two views per source is NT-Xent (SimCLR, https://arxiv.org/abs/2002.05709; PML
+``NTXentLoss``); :meth:`~mlcl_losses.levels.Level.supervised` with ``denominator="all"`` is
+SupCon (PML ``SupConLoss``); bank negatives only is MoCo's InfoNCE
+(https://arxiv.org/abs/1911.05722).
+
+Two published negative estimators are options of the same loss (``denominator="pos_neg"``):
+debiased negatives (Chuang et al., NeurIPS 2020, https://arxiv.org/abs/2007.00224,
+``tau_plus``) and hardness-reweighted negatives (Robinson et al., ICLR 2021,
+https://arxiv.org/abs/2010.04592, ``beta``). With :math:`|N(i)|` negatives,
+:math:`\mathrm{imp}_{in} = e^{\beta s_{in}}` and :math:`\tau^+` the class prior,
+
+.. math::
+
+    N_g = \max\Big( \frac{-\tau^+ |N(i)| e^{s_{ip}} + |N(i)|
+          \frac{\sum_n \mathrm{imp}_{in} w_{in} e^{s_{in}}}{\sum_n \mathrm{imp}_{in}}}{1 - \tau^+},
+          \; |N(i)| e^{-1/\tau} \Big)
+
+replaces :math:`\sum_n w_{in} e^{s_{in}}`. ``tau_plus=0, beta=0`` is the plain loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal, NamedTuple, Union
+
+import torch
+from torch import Tensor
+
+from mlcl_losses.levels import Level, bank_negative_mask, level_masks, validate_levels
+from mlcl_losses.tags import ViewTags
+
+__all__ = [
+    "LevelStats",
+    "NegativeWeightFn",
+    "multilevel_info_nce",
+    "normalize_embeddings",
+]
+
+Denominator = Literal["pos_neg", "all"]
+_DENOMINATORS: tuple[str, ...] = ("pos_neg", "all")
+Reduction = Literal["mean", "none"]
+_REDUCTIONS: tuple[str, ...] = ("mean", "none")
+Impl = Literal["auto", "fused", "reference"]
+_IMPLS: tuple[str, ...] = ("auto", "fused", "reference")
+
+#: A negative weighting: ``fn(hardness, mask) -> weights``. ``hardness`` is the
+#: ``(N, C)`` anchor–candidate cosine similarity (detached), ``mask`` the ``(N, C)``
+#: bool negative mask of the level; the weights ``(N, C)`` multiply each negative's
+#: exponential term. :class:`~mlcl_losses.self_paced.SelfPacedWeighting` is one.
+NegativeWeightFn = Callable[[Tensor, Tensor], Tensor]
+NegativeWeights = Union[Tensor, NegativeWeightFn, None]
+AnchorWeightFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class LevelStats(NamedTuple):
+    """Statistics of one level (all 0-dim tensors, detached).
+
+    Attributes:
+        loss: the level's mean anchor loss (before its weight).
+        anchors: anchors that contributed.
+        skipped: anchors of the level with no positive or no negative.
+        pos_sim: mean cosine similarity over the contributing anchors' positive pairs.
+        neg_sim: mean cosine similarity over their negative pairs (unweighted).
+        valid: ``(N,)`` bool, which embeddings contributed as anchors.
+    """
+
+    loss: Tensor
+    anchors: Tensor
+    skipped: Tensor
+    pos_sim: Tensor
+    neg_sim: Tensor
+    valid: Tensor
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def normalize_embeddings(embeddings: Tensor, name: str = "embeddings") -> Tensor:
+    """Validate and L2-normalise rows, in float32 (float64 stays float64).
+
+    Args:
+        embeddings: ``(N, D)`` floating point, finite, no all-zero row.
+        name: argument name used in error messages.
+
+    Returns:
+        ``(N, D)`` unit rows. Rows are first divided by their largest absolute entry,
+        so huge or tiny (but non-zero) inputs neither overflow nor underflow.
+
+    Raises:
+        TypeError: if not a floating-point tensor.
+        ValueError: wrong rank, NaN/inf, or a zero row.
+    """
+    if not isinstance(embeddings, Tensor) or not embeddings.dtype.is_floating_point:
+        got = embeddings.dtype if isinstance(embeddings, Tensor) else type(embeddings).__name__
+        raise TypeError(f"Expected `{name}` to be a floating-point tensor, but got {got}")
+    if embeddings.dim() != 2:
+        raise ValueError(f"Expected `{name}` of shape (N, D), but got shape {tuple(embeddings.shape)}")
+    if embeddings.numel() == 0:
+        return embeddings.to(_compute_dtype(embeddings))
+    x = embeddings.to(_compute_dtype(embeddings))
+    finite = torch.isfinite(x).all(dim=1)
+    if not bool(finite.all()):
+        row = int((~finite).nonzero()[0, 0])
+        raise ValueError(f"Expected finite `{name}`, but row {row} contains NaN or inf")
+    scale = x.detach().abs().amax(dim=1, keepdim=True)
+    if bool((scale == 0).any()):
+        row = int((scale[:, 0] == 0).nonzero()[0, 0])
+        raise ValueError(f"Expected non-zero rows in `{name}` (cosine similarity is undefined), but row {row} is zero")
+    x = x / scale
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def _check_tags(tags: ViewTags, n: int, name: str) -> None:
+    if not isinstance(tags, ViewTags):
+        raise TypeError(f"Expected `{name}` to be a ViewTags, but got {type(tags).__name__}")
+    if tags.kind.dim() != 1 or len(tags) != n:
+        raise ValueError(f"`embeddings` and `{name}` must have the same length, got {n} and {tuple(tags.shape)}")
+
+
+def _masked_lse(logits: Tensor, mask: Tensor, weights: Tensor | None) -> Tensor:
+    """Row-wise ``log sum_j mask_ij w_ij exp(logits_ij)``; ``-inf`` for an empty row, finite gradient."""
+    neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+    row_max = torch.where(mask, logits, neg_inf).amax(dim=1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    terms = torch.exp(torch.where(mask, logits - row_max, neg_inf))
+    if weights is not None:
+        terms = terms * weights
+    total = terms.sum(dim=1)
+    tiny = torch.finfo(logits.dtype).tiny
+    return torch.where(total > 0, row_max[:, 0] + torch.log(total.clamp_min(tiny)), neg_inf)
+
+
+def _per_level(values: object, n_levels: int, name: str) -> list:
+    """Broadcast a per-level option: one value for all levels, or a sequence of one per level."""
+    if isinstance(values, (list, tuple)):
+        if len(values) != n_levels:
+            raise ValueError(f"Expected `{name}` to have one entry per level ({n_levels}), but got {len(values)}")
+        return list(values)
+    return [values] * n_levels
+
+
+def _resolve_weights(spec: NegativeWeights, hardness: Tensor, mask: Tensor, level: Level) -> Tensor | None:
+    if spec is None:
+        return None
+    if isinstance(spec, Tensor):
+        weights = spec
+    elif callable(spec):
+        weights = spec(hardness.detach(), mask)
+    else:
+        raise TypeError(f"Expected `negative_weights` to be a tensor, a callable or None, but got {type(spec).__name__}")
+    if not isinstance(weights, Tensor) or weights.shape != hardness.shape:
+        got = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(
+            f"Expected `negative_weights` of level {level.name!r} to have shape {tuple(hardness.shape)} "
+            f"(anchors, batch + bank candidates), but got {got}"
+        )
+    weights = weights.to(hardness.dtype)
+    bad = mask & ~(torch.isfinite(weights) & (weights >= 0))
+    if bool(bad.any()):
+        raise ValueError(f"Expected finite `negative_weights` >= 0, but got {float(weights[bad][0])}")
+    return torch.where(mask, weights, torch.zeros_like(weights))
+
+
+def _bank_part(
+    z: Tensor,
+    tags: ViewTags,
+    bank_z: Tensor | None,
+    bank_tags: ViewTags | None,
+    candidates: Tensor | None,
+    level: Level,
+) -> tuple[Tensor, Tensor]:
+    """Cosine similarities ``(N, C_b)`` and negative mask of the bank columns of one level."""
+    n = z.shape[0]
+    if bank_z is None or bank_tags is None:
+        empty = z.new_zeros(n, 0)
+        return empty, empty.bool()
+    if candidates is None:
+        cos = z @ bank_z.T  # (N, M)
+        return cos, bank_negative_mask(tags, bank_tags, level)
+    valid = candidates >= 0  # (N, k)
+    safe = candidates.clamp_min(0).long()
+    cos = torch.einsum("nd,nkd->nk", z, bank_z[safe])  # (N, k)
+    return cos, bank_negative_mask(tags, bank_tags[safe], level) & valid
+
+
+def multilevel_info_nce(
+    embeddings: Tensor,
+    tags: ViewTags,
+    levels: Sequence[Level] | Level,
+    temperature: float = 0.1,
+    denominator: Denominator = "pos_neg",
+    bank: tuple[Tensor, ViewTags] | None = None,
+    candidates: Tensor | Sequence[Tensor | None] | None = None,
+    negative_weights: NegativeWeights | Sequence[NegativeWeights] = None,
+    anchor_weights: Tensor | AnchorWeightFn | None = None,
+    tau_plus: float = 0.0,
+    beta: float = 0.0,
+    pair_mask: tuple[Tensor | None, Tensor | None] | None = None,
+    reduction: Reduction = "mean",
+    impl: Impl = "auto",
+) -> tuple[Tensor, dict[str, LevelStats]]:
+    r"""Multi-level InfoNCE over tagged embeddings (see the module docstring for the equation).
+
+    Args:
+        embeddings: ``(N, D)`` float; L2-normalised inside (cosine similarity).
+        tags: ``(N,)`` :class:`~mlcl_losses.tags.ViewTags` of the embeddings.
+        levels: the levels (:func:`~mlcl_losses.levels.comcl_levels`, ``[Level.instance()]``, ...);
+            names must be unique.
+        temperature: :math:`\tau > 0`.
+        denominator: ``"pos_neg"`` (the positive and the negatives, NT-Xent/InfoNCE) or
+            ``"all"`` (all positives and negatives, SupCon).
+        bank: extra negatives ``(bank_embeddings (M, D), bank_tags (M,))``, e.g. momentum keys;
+            filtered by each level's negative selector and the never-negative rules.
+        candidates: per-anchor mined bank entries, ``(N, k)`` int64 indices into ``bank``
+            (``-1`` = padding), for all levels or a sequence of one per level (``None`` = whole bank).
+        negative_weights: multiplies each negative's exponential term: a ``(N, N + C_b)``
+            tensor (columns: batch, then bank or candidates), a callable
+            :data:`NegativeWeightFn`, ``None``, or a sequence of these, one per level.
+            Weights are treated as constants (no gradient flows into them).
+        anchor_weights: per-anchor weights ``(N,)`` or a callable ``fn(losses (N,), valid (N,)) -> (N,)``
+            applied to each level's detached per-anchor losses; the level loss becomes
+            :math:`\sum_i v_i l_i / |\text{valid}|`.
+        tau_plus: class prior of the debiased estimator, in ``[0, 1)``; 0 disables it.
+        beta: concentration of hardness reweighting (HCL), >= 0; 0 disables it.
+        pair_mask: optional ``(positives (N, N) bool | None, negatives (N, N + C_b) bool | None)``
+            further restricting the pairs of every level (used by the PML adapter).
+        reduction: ``"mean"`` (the loss above) or ``"none"``: a ``(L, N)`` tensor of per-anchor
+            losses times the level weight (``anchor_weights`` applied, 0 where an anchor did not
+            contribute; ``stats[name].valid`` says which did).
+        impl: ``"reference"`` (dense, for tests), ``"fused"`` (tiled, memory-lean) or
+            ``"auto"`` (fused where available).
+
+    Returns:
+        ``(loss, stats)``: the 0-dim total loss (float32, or float64 for float64 input) and
+        a dict level name -> :class:`LevelStats`.
+
+    Raises:
+        ValueError, TypeError: on invalid input, naming the argument and the value.
+
+    Examples:
+        >>> import torch
+        >>> from mlcl_losses import ViewTags, Level
+        >>> z = torch.randn(4, 8)
+        >>> tags = ViewTags(kind=[1, 1, 1, 1], quality=[0, 0, 0, 0], source=[0, 0, 1, 1])
+        >>> loss, stats = multilevel_info_nce(z, tags, [Level.instance()], temperature=0.5)
+        >>> int(stats["instance"].anchors)
+        4
+    """
+    levels = validate_levels(levels, tags if isinstance(tags, ViewTags) else None)
+    names = [level.name for level in levels]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Expected unique level names, but got {names}")
+    if not isinstance(temperature, (int, float)) or not (temperature > 0) or math.isinf(temperature):
+        raise ValueError(f"Expected `temperature` > 0 and finite, but got {temperature}")
+    if denominator not in _DENOMINATORS:
+        raise ValueError(f"Expected `denominator` in {_DENOMINATORS}, but got {denominator!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"Expected `reduction` in {_REDUCTIONS}, but got {reduction!r}")
+    if impl not in _IMPLS:
+        raise ValueError(f"Expected `impl` in {_IMPLS}, but got {impl!r}")
+    if not (0.0 <= tau_plus < 1.0):
+        raise ValueError(f"Expected `tau_plus` in [0, 1), but got {tau_plus}")
+    if not (beta >= 0.0) or math.isinf(beta):
+        raise ValueError(f"Expected `beta` >= 0 and finite, but got {beta}")
+    if (tau_plus > 0 or beta > 0) and denominator != "pos_neg":
+        raise ValueError(f"`tau_plus` and `beta` need denominator='pos_neg', but got {denominator!r}")
+    z = normalize_embeddings(embeddings)
+    n, d = z.shape
+    _check_tags(tags, n, "tags")
+    if tags.device != z.device:
+        raise ValueError(f"`embeddings` and `tags` must be on one device, got {z.device} and {tags.device}")
+
+    bank_z: Tensor | None = None
+    bank_tags: ViewTags | None = None
+    if bank is not None:
+        if not (isinstance(bank, (tuple, list)) and len(bank) == 2):
+            raise TypeError("Expected `bank` to be a tuple (bank_embeddings (M, D), bank_tags (M,))")
+        bank_z = normalize_embeddings(bank[0], "bank embeddings").to(z.dtype)
+        if bank_z.shape[1] != d:
+            raise ValueError(f"Expected bank embeddings of dimension {d} (as `embeddings`), but got {bank_z.shape[1]}")
+        bank_tags = bank[1]
+        _check_tags(bank_tags, bank_z.shape[0], "bank tags")
+    per_level_candidates = _per_level(candidates, len(levels), "candidates")
+    for cand in per_level_candidates:
+        if cand is None:
+            continue
+        if bank_z is None:
+            raise ValueError("`candidates` index into `bank`, but `bank` is None")
+        if not isinstance(cand, Tensor) or cand.dtype not in (torch.int64, torch.int32) or cand.dim() != 2:
+            raise TypeError("Expected `candidates` to be an int64 tensor of shape (N, k)")
+        if cand.shape[0] != n:
+            raise ValueError(f"Expected `candidates` with {n} rows (one per embedding), but got {cand.shape[0]}")
+        if cand.numel() and (int(cand.min()) < -1 or int(cand.max()) >= bank_z.shape[0]):
+            raise ValueError(f"Expected `candidates` in [-1, {bank_z.shape[0] - 1}], but got values outside")
+    per_level_weights = _per_level(negative_weights, len(levels), "negative_weights")
+
+    from mlcl_losses import _fused  # local import: the fused module imports this one
+
+    if impl != "reference" and reduction == "mean" and _fused.supports(
+        z, tags, levels, bank_z, per_level_candidates, per_level_weights, anchor_weights, tau_plus, beta, pair_mask
+    ):
+        return _fused.multilevel_info_nce_fused(
+            z, tags, levels, float(temperature), denominator, bank_z, bank_tags, per_level_candidates, per_level_weights
+        )
+    if impl == "fused":
+        raise ValueError("impl='fused' does not support these options; use impl='auto' or 'reference'")
+    return _reference(
+        z,
+        tags,
+        levels,
+        float(temperature),
+        denominator,
+        bank_z,
+        bank_tags,
+        per_level_candidates,
+        per_level_weights,
+        anchor_weights,
+        tau_plus,
+        beta,
+        pair_mask,
+        reduction,
+    )
+
+
+def _reference(
+    z: Tensor,
+    tags: ViewTags,
+    levels: list[Level],
+    temperature: float,
+    denominator: str,
+    bank_z: Tensor | None,
+    bank_tags: ViewTags | None,
+    candidates: list[Tensor | None],
+    weights_spec: list[NegativeWeights],
+    anchor_weights: Tensor | AnchorWeightFn | None,
+    tau_plus: float,
+    beta: float,
+    pair_mask: tuple[Tensor | None, Tensor | None] | None,
+    reduction: str = "mean",
+) -> tuple[Tensor, dict[str, LevelStats]]:
+    """Dense reference: one ``(N, N + C_b)`` logit matrix per level, computed exactly."""
+    n = z.shape[0]
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        cos_batch = z @ z.T  # (N, N)
+        masks = level_masks(tags, levels)
+        total = z.sum() * 0.0  # keeps the graph connected: zero loss, zero gradient
+        stats: dict[str, LevelStats] = {}
+        unreduced: list[Tensor] = []
+        for level, lm, cand, wspec in zip(levels, masks, candidates, weights_spec, strict=True):
+            cos_bank, neg_bank = _bank_part(z, tags, bank_z, bank_tags, cand, level)
+            cos = torch.cat([cos_batch, cos_bank], dim=1)  # (N, N + C_b)
+            pos = torch.cat([lm.positives, torch.zeros_like(neg_bank)], dim=1)
+            neg = torch.cat([lm.negatives, neg_bank], dim=1)
+            if pair_mask is not None:
+                if pair_mask[0] is not None:
+                    pos[:, :n] &= pair_mask[0]
+                if pair_mask[1] is not None:
+                    neg &= pair_mask[1]
+            logits = cos / temperature
+            w = _resolve_weights(wspec, cos, neg, level)
+            valid = lm.anchors & pos.any(dim=1) & neg.any(dim=1)
+            n_pos = pos.sum(dim=1).clamp_min(1).to(z.dtype)
+            if tau_plus > 0 or beta > 0:
+                per_pair = _debiased_pair_terms(logits, pos, neg, w, temperature, tau_plus, beta)
+                per_anchor = torch.where(pos, per_pair, torch.zeros_like(per_pair)).sum(dim=1) / n_pos
+            else:
+                neg_lse = _masked_lse(logits, neg, w)  # (N,)
+                if denominator == "pos_neg":
+                    per_pair = torch.logaddexp(logits, neg_lse[:, None]) - logits
+                    per_anchor = torch.where(pos, per_pair, torch.zeros_like(per_pair)).sum(dim=1) / n_pos
+                else:
+                    denom = torch.logaddexp(_masked_lse(logits, pos, None), neg_lse)
+                    mean_pos = torch.where(pos, logits, torch.zeros_like(logits)).sum(dim=1) / n_pos
+                    per_anchor = denom - mean_pos
+            per_anchor = torch.where(valid, per_anchor, torch.zeros_like(per_anchor))
+            level_loss, weighted = _reduce_anchors(per_anchor, valid, anchor_weights)
+            total = total + level.weight * level_loss
+            unreduced.append(level.weight * weighted)
+            stats[level.name] = _stats(level_loss, valid, lm.anchors, pos, neg, cos)
+    if reduction == "none":
+        return torch.stack(unreduced), stats
+    return total, stats
+
+
+def _reduce_anchors(
+    per_anchor: Tensor, valid: Tensor, anchor_weights: Tensor | AnchorWeightFn | None
+) -> tuple[Tensor, Tensor]:
+    """Mean over valid anchors of the (weighted) per-anchor losses, and the weighted losses ``(N,)``."""
+    n_valid = valid.sum()
+    if anchor_weights is None:
+        weighted = per_anchor
+    else:
+        if isinstance(anchor_weights, Tensor):
+            v = anchor_weights
+        elif callable(anchor_weights):
+            v = anchor_weights(per_anchor.detach(), valid)
+        else:
+            raise TypeError(f"Expected `anchor_weights` to be a tensor, a callable or None, got {type(anchor_weights)}")
+        if v.shape != per_anchor.shape:
+            raise ValueError(f"Expected `anchor_weights` of shape {tuple(per_anchor.shape)}, but got {tuple(v.shape)}")
+        v = v.detach().to(per_anchor.dtype)
+        if bool((valid & ~(torch.isfinite(v) & (v >= 0))).any()):
+            raise ValueError("Expected finite `anchor_weights` >= 0")
+        weighted = per_anchor * torch.where(valid, v, torch.zeros_like(v))
+    return weighted.sum() / n_valid.clamp_min(1).to(per_anchor.dtype), weighted
+
+
+def _debiased_pair_terms(
+    logits: Tensor, pos: Tensor, neg: Tensor, w: Tensor | None, temperature: float, tau_plus: float, beta: float
+) -> Tensor:
+    """``(N, C)`` pair terms ``-log(e^{s_ip} / (e^{s_ip} + N_g))`` of Chuang et al. / Robinson et al."""
+    neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+    either = pos | neg
+    shift = torch.where(either, logits, neg_inf).amax(dim=1, keepdim=True).detach()
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    e = torch.exp(torch.where(either, logits - shift, neg_inf))  # (N, C), 0 outside pos|neg
+    e_neg = torch.where(neg, e, torch.zeros_like(e))
+    if w is not None:
+        e_neg = e_neg * w
+    count = neg.sum(dim=1, keepdim=True).to(logits.dtype)  # |N(i)|
+    if beta > 0:
+        imp_logits = torch.where(neg, beta * logits, neg_inf)
+        imp = torch.exp(imp_logits - imp_logits.amax(dim=1, keepdim=True).detach().nan_to_num(0.0, 0.0, 0.0))
+        reweighted = count * (imp * e_neg).sum(dim=1, keepdim=True) / imp.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    else:
+        reweighted = e_neg.sum(dim=1, keepdim=True)
+    ng = (-tau_plus * count * e + reweighted) / (1.0 - tau_plus)  # (N, C), per positive column
+    floor = count * torch.exp(-1.0 / temperature - shift)
+    ng = torch.maximum(ng, floor)
+    e_pos = torch.exp(torch.where(pos, logits - shift, torch.zeros_like(logits)))
+    return torch.log(e_pos + ng) - torch.where(pos, logits - shift, torch.zeros_like(logits))
+
+
+def _stats(level_loss: Tensor, valid: Tensor, anchors: Tensor, pos: Tensor, neg: Tensor, cos: Tensor) -> LevelStats:
+    with torch.no_grad():
+        vpos = pos & valid[:, None]
+        vneg = neg & valid[:, None]
+        zero = cos.new_zeros(())
+        pos_sim = (cos * vpos).sum() / vpos.sum() if bool(vpos.any()) else zero
+        neg_sim = (cos * vneg).sum() / vneg.sum() if bool(vneg.any()) else zero
+        return LevelStats(
+            loss=level_loss.detach(),
+            anchors=valid.sum(),
+            valid=valid,
+            skipped=(anchors & ~valid).sum(),
+            pos_sim=pos_sim,
+            neg_sim=neg_sim,
+        )

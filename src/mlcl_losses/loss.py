@@ -1,0 +1,203 @@
+"""``MultiLevelContrastiveLoss``: the levels, self-paced weighting and a hard-negative index in one module."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from mlcl_losses.functional import (
+    Denominator,
+    Impl,
+    LevelStats,
+    multilevel_info_nce,
+)
+from mlcl_losses.levels import Level, comcl_levels, validate_levels
+from mlcl_losses.self_paced import SelfPacedWeighting
+from mlcl_losses.tags import ViewTags
+
+if TYPE_CHECKING:
+    from mlcl_losses.index import HardNegativeIndex
+
+__all__ = ["MultiLevelContrastiveLoss"]
+
+logger = logging.getLogger(__name__)
+
+Weighting = SelfPacedWeighting | Mapping[str, SelfPacedWeighting] | None
+
+
+class MultiLevelContrastiveLoss(nn.Module):
+    """The multi-level contrastive loss of CoMCL as an ``nn.Module``.
+
+    Holds the levels and options and calls :func:`~mlcl_losses.functional.multilevel_info_nce`.
+    Optionally weights negatives (or anchors) with self-paced weighting and retrieves
+    each level's hardest allowed bank negatives from a
+    :class:`~mlcl_losses.index.HardNegativeIndex`.
+
+    Args:
+        levels: the levels; default :func:`~mlcl_losses.levels.comcl_levels`.
+        temperature: softmax temperature, > 0.
+        denominator: ``"pos_neg"`` or ``"all"`` (SupCon).
+        weighting: a :class:`~mlcl_losses.self_paced.SelfPacedWeighting` for all levels, or a
+            mapping level name -> weighting (levels not in it are unweighted). Weightings with
+            ``target="negatives"`` weight negatives, ``target="anchors"`` weight anchors.
+        index: a hard-negative index; each level's bank negatives are its ``k`` most similar
+            allowed entries. Keys passed to :meth:`forward` are added after the loss is computed.
+        k: how many bank negatives per anchor and level, >= 1.
+        tau_plus: debiased negatives (Chuang et al. 2020), in ``[0, 1)``.
+        beta: hardness-reweighted negatives (Robinson et al. 2021), >= 0.
+        impl: ``"auto" | "fused" | "reference"``.
+
+    Shapes:
+        ``forward(embeddings (N, D), tags (N,), keys (N', D) | None, key_tags (N',) | None)``
+        returns ``(loss 0-dim, stats dict[str, LevelStats])``.
+
+    Examples:
+        >>> from mlcl_losses import ViewTags
+        >>> criterion = MultiLevelContrastiveLoss(temperature=0.1)
+        >>> tags = ViewTags(kind=[1, 1, 1, 0, 0], quality=[0, 0, 1, 0, 1], source=[0, 0, 0, 1, 1])
+        >>> loss, stats = criterion(torch.randn(5, 16), tags)
+        >>> sorted(stats)
+        ['healthy', 'lesion', 'quality']
+    """
+
+    def __init__(
+        self,
+        levels: Sequence[Level] | Level | None = None,
+        temperature: float = 0.1,
+        denominator: Denominator = "pos_neg",
+        weighting: Weighting = None,
+        index: HardNegativeIndex | None = None,
+        k: int = 64,
+        tau_plus: float = 0.0,
+        beta: float = 0.0,
+        impl: Impl = "auto",
+    ) -> None:
+        super().__init__()
+        self.levels = validate_levels(comcl_levels() if levels is None else levels)
+        names = [level.name for level in self.levels]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Expected unique level names, but got {names}")
+        if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"Expected `temperature` > 0 and finite, but got {temperature}")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"Expected `k` an integer >= 1, but got {k!r}")
+        self.temperature = float(temperature)
+        self.denominator: Denominator = denominator
+        self.k = k
+        self.tau_plus = float(tau_plus)
+        self.beta = float(beta)
+        self.impl: Impl = impl
+        self.weightings = nn.ModuleDict(self._weightings_by_level(weighting, names))
+        self.index = index
+        if index is not None and hasattr(index, "capacity") and k > index.capacity:
+            raise ValueError(f"Expected `k` <= index capacity ({index.capacity}), but got {k}")
+
+    @staticmethod
+    def _weightings_by_level(weighting: Weighting, names: list[str]) -> dict[str, SelfPacedWeighting]:
+        if weighting is None:
+            return {}
+        if isinstance(weighting, SelfPacedWeighting):
+            return dict.fromkeys(names, weighting)
+        if isinstance(weighting, Mapping):
+            unknown = sorted(set(weighting) - set(names))
+            if unknown:
+                raise ValueError(f"`weighting` names levels {unknown} that are not in the levels {names}")
+            for name, w in weighting.items():
+                if not isinstance(w, SelfPacedWeighting):
+                    raise TypeError(f"Expected `weighting[{name!r}]` to be a SelfPacedWeighting, got {type(w).__name__}")
+            return dict(weighting)
+        raise TypeError(f"Expected `weighting` to be a SelfPacedWeighting, a mapping or None, got {type(weighting)}")
+
+    def step(self, n: int = 1) -> None:
+        """Advance the pace of every self-paced weighting by ``n`` steps (once per training step)."""
+        for weighting in {id(w): w for w in self.weightings.values()}.values():
+            weighting.step(n)
+
+    def _level_options(self) -> tuple[list[Any], Any]:
+        negative: list[Any] = []
+        anchor_fns: dict[str, SelfPacedWeighting] = {}
+        for level in self.levels:
+            weighting = self.weightings[level.name] if level.name in self.weightings else None
+            negative.append(weighting if weighting is not None and weighting.target == "negatives" else None)
+            if weighting is not None and weighting.target == "anchors":
+                anchor_fns[level.name] = weighting
+        if not anchor_fns:
+            return negative, None
+        if len({id(w) for w in anchor_fns.values()}) > 1 or len(anchor_fns) != len(self.levels):
+            raise ValueError("Anchor weighting must be one SelfPacedWeighting shared by all levels")
+        return negative, next(iter(anchor_fns.values()))
+
+    @torch.no_grad()
+    def _search(self, embeddings: Tensor, tags: ViewTags) -> list[Tensor | None]:
+        """Each level's ``(N, k)`` bank candidates (``-1`` padded; rows of non-anchors all ``-1``)."""
+        if self.index is None:
+            raise ValueError("This loss has no `index` to search")
+        out: list[Tensor | None] = []
+        for level in self.levels:
+            cand = torch.full((embeddings.shape[0], self.k), -1, dtype=torch.long, device=embeddings.device)
+            rows = level.anchors(tags).nonzero()[:, 0]
+            if level.bank_negatives and rows.numel() > 0 and len(self.index) > 0:
+                result = self.index.search(
+                    embeddings.detach()[rows],
+                    self.k,
+                    negatives=level,
+                    exclude_source=tags.source[rows],
+                    exclude_image=None if tags.image is None else tags.image[rows],
+                    exclude_label=None if (not level.needs_label or tags.label is None) else tags.label[rows],
+                )
+                cand[rows] = result.indices.to(cand.device)
+            out.append(cand)
+        return out
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        tags: ViewTags,
+        keys: Tensor | None = None,
+        key_tags: ViewTags | None = None,
+    ) -> tuple[Tensor, dict[str, LevelStats]]:
+        """Loss and per-level statistics.
+
+        Args:
+            embeddings: ``(N, D)`` float, the batch.
+            tags: ``(N,)`` tags of the batch.
+            keys: ``(N', D)`` embeddings to enqueue into the index after the loss (e.g. from a
+                momentum encoder); requires ``index``.
+            key_tags: ``(N',)`` tags of ``keys`` (default: ``tags``, when ``N' == N``).
+
+        Returns:
+            ``(loss, stats)`` as :func:`~mlcl_losses.functional.multilevel_info_nce`.
+        """
+        negative_weights, anchor_weights = self._level_options()
+        bank = candidates = None
+        if self.index is not None and len(self.index) > 0:
+            candidates = self._search(embeddings, tags)
+            bank = (self.index.embeddings, self.index.tags)
+        loss, stats = multilevel_info_nce(
+            embeddings,
+            tags,
+            self.levels,
+            temperature=self.temperature,
+            denominator=self.denominator,
+            bank=bank,
+            candidates=candidates,
+            negative_weights=negative_weights,
+            anchor_weights=anchor_weights,
+            tau_plus=self.tau_plus,
+            beta=self.beta,
+            impl=self.impl,
+        )
+        if keys is not None:
+            if self.index is None:
+                raise ValueError("`keys` are enqueued into the index, but this loss has no `index`")
+            self.index.add(keys.detach(), tags if key_tags is None else key_tags)
+        return loss, stats
+
+    def extra_repr(self) -> str:
+        """Levels and temperature."""
+        return f"levels={[level.name for level in self.levels]}, temperature={self.temperature}"
