@@ -8,7 +8,7 @@ loss, self-paced weighting and a hard-negative index.
 from mlcl_losses.functional import LevelStats, multilevel_info_nce
 from mlcl_losses.levels import Level, Select, comcl_levels, level_masks
 from mlcl_losses.loss import MultiLevelContrastiveLoss
-from mlcl_losses.self_paced import PaceSchedule, SelfPacedWeighting
+from mlcl_losses.self_paced import PaceSchedule, SelfPacedWeighting, self_paced_weights
 from mlcl_losses.tags import Kind, Quality, ViewTags
 
 __version__ = "0.1.0"
@@ -27,4 +27,5 @@ __all__ = [
     "comcl_levels",
     "level_masks",
     "multilevel_info_nce",
+    "self_paced_weights",
 ]

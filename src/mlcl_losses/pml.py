@@ -267,6 +267,10 @@ class SelfPacedReducer(BaseReducer):
             raise ValueError("Expected `weighting` to be a SelfPacedWeighting with target='anchors'")
         self.weighting = weighting
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> SelfPacedReducer:
+        """PML deep-copies reducers; the copy shares the weighting, so ``weighting.step()`` reaches it."""
+        return SelfPacedReducer(self.weighting)
+
     def element_reduction(self, losses: Tensor, *_: Any) -> Tensor:
         """``mean(v * losses)`` with ``v = weighting(losses.detach())``."""
         return (self.weighting(losses.detach()) * losses).mean()

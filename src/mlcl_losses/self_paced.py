@@ -105,7 +105,7 @@ def _check_hardness(hardness: object) -> Tensor:
 
 
 def _ceil_to_dtype(value: float, dtype: torch.dtype) -> float:
-    """Smallest number representable in ``dtype`` that is >= ``value`` (so ``h < value`` is exact for ``h`` of ``dtype``)."""
+    """Smallest number of ``dtype`` that is >= ``value``: ``h < value`` is then exact for ``h`` of ``dtype``."""
     rounded = torch.tensor(value, dtype=torch.float64).to(dtype)
     if float(rounded) < value:
         rounded = torch.nextafter(rounded, torch.tensor(math.inf, dtype=dtype))
@@ -320,7 +320,8 @@ def _quantile_pace(hardness: Tensor, fraction: float) -> float:
     n = flat.numel()
     if n == 0 or fraction >= 1.0:
         return float("inf")
-    k = max(1, math.ceil(fraction * n))
+    # the relative slack keeps e.g. 0.3 * 10 = 3.0000000000000004 from admitting 4 of 10
+    k = min(n, max(1, math.ceil(fraction * n * (1.0 - 1e-12))))
     kth = torch.kthvalue(flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat, k).values
     kth = kth.to(flat.dtype)  # exact: the k-th value is one of the inputs
     lam = float(torch.nextafter(kth, torch.tensor(math.inf, dtype=kth.dtype, device=kth.device)))
