@@ -10,20 +10,34 @@ from mlcl_losses.levels import Level, Select, comcl_levels, level_masks
 from mlcl_losses.loss import MultiLevelContrastiveLoss
 from mlcl_losses.self_paced import PaceSchedule, SelfPacedWeighting, self_paced_weights
 from mlcl_losses.tags import Kind, Quality, ViewTags
+from mlcl_losses.views import (
+    FourViewDataset,
+    FourViewRecord,
+    FourViews,
+    FourViewSampler,
+    LightAugment,
+    collate_four_views,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FourViewDataset",
+    "FourViewRecord",
+    "FourViewSampler",
+    "FourViews",
     "Kind",
     "Level",
     "LevelStats",
     "MultiLevelContrastiveLoss",
     "PaceSchedule",
+    "LightAugment",
     "Quality",
     "Select",
     "SelfPacedWeighting",
     "ViewTags",
     "__version__",
+    "collate_four_views",
     "comcl_levels",
     "level_masks",
     "multilevel_info_nce",

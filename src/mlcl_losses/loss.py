@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -82,6 +82,8 @@ class MultiLevelContrastiveLoss(nn.Module):
         names = [level.name for level in self.levels]
         if len(set(names)) != len(names):
             raise ValueError(f"Expected unique level names, but got {names}")
+        if weighting is not None and any(not name or "." in name for name in names):
+            raise ValueError(f"With a `weighting`, level names must be non-empty and without '.', but got {names}")
         if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
             raise ValueError(f"Expected `temperature` > 0 and finite, but got {temperature}")
         if not isinstance(k, int) or k < 1:
@@ -109,20 +111,23 @@ class MultiLevelContrastiveLoss(nn.Module):
                 raise ValueError(f"`weighting` names levels {unknown} that are not in the levels {names}")
             for name, w in weighting.items():
                 if not isinstance(w, SelfPacedWeighting):
-                    raise TypeError(f"Expected `weighting[{name!r}]` to be a SelfPacedWeighting, got {type(w).__name__}")
+                    raise TypeError(
+                        f"Expected `weighting[{name!r}]` to be a SelfPacedWeighting, got {type(w).__name__}"
+                    )
             return dict(weighting)
         raise TypeError(f"Expected `weighting` to be a SelfPacedWeighting, a mapping or None, got {type(weighting)}")
 
     def step(self, n: int = 1) -> None:
         """Advance the pace of every self-paced weighting by ``n`` steps (once per training step)."""
-        for weighting in {id(w): w for w in self.weightings.values()}.values():
+        unique: dict[int, SelfPacedWeighting] = {id(w): cast(SelfPacedWeighting, w) for w in self.weightings.values()}
+        for weighting in unique.values():
             weighting.step(n)
 
     def _level_options(self) -> tuple[list[Any], Any]:
         negative: list[Any] = []
         anchor_fns: dict[str, SelfPacedWeighting] = {}
         for level in self.levels:
-            weighting = self.weightings[level.name] if level.name in self.weightings else None
+            weighting = cast(SelfPacedWeighting, self.weightings[level.name]) if level.name in self.weightings else None
             negative.append(weighting if weighting is not None and weighting.target == "negatives" else None)
             if weighting is not None and weighting.target == "anchors":
                 anchor_fns[level.name] = weighting

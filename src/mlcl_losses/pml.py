@@ -51,7 +51,9 @@ def _pairs(indices_tuple: IndicesTuple) -> tuple[Tensor, Tensor, Tensor, Tensor]
     if len(indices_tuple) == 3:
         a, p, n = indices_tuple
         return a, p, a, n
-    raise ValueError(f"Expected `indices_tuple` of length 3 (a, p, n) or 4 (a1, p, a2, n), but got {len(indices_tuple)}")
+    raise ValueError(
+        f"Expected `indices_tuple` of length 3 (a, p, n) or 4 (a1, p, a2, n), but got {len(indices_tuple)}"
+    )
 
 
 def _pair_mask(rows: Tensor, cols: Tensor, shape: tuple[int, int], device: torch.device) -> Tensor:
@@ -92,6 +94,11 @@ class MultiLevelInfoNCELoss(BaseMetricLossFunction):
         **kwargs: Any,
     ) -> None:
         self.levels = validate_levels(comcl_levels() if levels is None else levels)
+        names = [level.name for level in self.levels]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Expected unique level names, but got {names}")
+        if len(names) > 1 and any(not name or "." in name for name in names):  # they key PML's reducer dict
+            raise ValueError(f"Expected level names non-empty and without '.', but got {names}")
         super().__init__(**kwargs)
         if not isinstance(self.distance, CosineSimilarity):
             raise ValueError(f"MultiLevelInfoNCELoss uses cosine similarity, but got distance={self.distance}")

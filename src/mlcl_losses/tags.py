@@ -133,7 +133,9 @@ class ViewTags:
                     f"and `{name}` has shape {tuple(value.shape)}"
                 )
             if value.device != device:
-                raise ValueError(f"All tags must be on one device, but `kind` is on {device} and `{name}` on {value.device}")
+                raise ValueError(
+                    f"All tags must be on one device, but `kind` is on {device} and `{name}` on {value.device}"
+                )
         if self.kind.numel() == 0:
             return
         for name, allowed in (("kind", Kind), ("quality", Quality)):

@@ -1,0 +1,171 @@
+"""Vectorised drawing primitives of the synthetic images (no per-pixel Python loops)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from mlcl_losses.degrade._common import gaussian_blur
+
+
+def rand(g: torch.Generator, *shape: int) -> Tensor:
+    """Uniform ``[0, 1)`` float32 draws of ``shape`` (CPU generator)."""
+    return torch.rand(shape, generator=g)
+
+
+def randn(g: torch.Generator, *shape: int) -> Tensor:
+    """Standard normal float32 draws of ``shape`` (CPU generator)."""
+    return torch.randn(shape, generator=g)
+
+
+def randint(g: torch.Generator, low: int, high: int) -> int:
+    """One integer in ``[low, high]`` (inclusive)."""
+    return int(torch.randint(low, high + 1, (1,), generator=g))
+
+
+def choice(g: torch.Generator, probs: Tensor) -> int:
+    """Index drawn from the categorical ``probs`` ``(n,)``."""
+    return int(torch.multinomial(probs, 1, generator=g))
+
+
+def blobs(
+    h: int, w: int, cx: Tensor, cy: Tensor, sx: Tensor, sy: Tensor, amp: Tensor, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Sum of axis-aligned Gaussian blobs, as one matrix product.
+
+    Args:
+        h: image height.
+        w: image width.
+        cx: ``(n,)`` blob centres (x, pixels).
+        cy: ``(n,)`` blob centres (y, pixels).
+        sx: ``(n,)`` standard deviations along x.
+        sy: ``(n,)`` standard deviations along y.
+        amp: ``(n,)`` peak heights.
+        dtype: output dtype.
+
+    Returns:
+        ``(H, W)`` field, ``sum_k amp_k exp(-dx^2 / 2 sx_k^2 - dy^2 / 2 sy_k^2)``.
+    """
+    if cx.numel() == 0:
+        return torch.zeros(h, w, dtype=dtype)
+    xs = torch.arange(w, dtype=dtype)
+    ys = torch.arange(h, dtype=dtype)
+    gx = torch.exp(-0.5 * ((xs[None, :] - cx[:, None]) / sx[:, None]) ** 2)  # (n, W)
+    gy = torch.exp(-0.5 * ((ys[None, :] - cy[:, None]) / sy[:, None]) ** 2)  # (n, H)
+    return (gy * amp[:, None]).T @ gx
+
+
+def walk(
+    g: torch.Generator,
+    start: Tensor,
+    theta0: Tensor,
+    curvature: Tensor,
+    steps: int,
+    step: float,
+    wiggle: float,
+) -> tuple[Tensor, Tensor]:
+    """Random-walk curves with drifting heading, all at once.
+
+    Args:
+        g: source of randomness.
+        start: ``(n, 2)`` start points (x, y).
+        theta0: ``(n,)`` initial headings (radians).
+        curvature: ``(n,)`` heading change per pixel of arc length.
+        steps: points per curve.
+        step: arc length between points (pixels).
+        wiggle: standard deviation of the heading noise per step (radians).
+
+    Returns:
+        ``points (n, steps, 2)`` and ``headings (n, steps)``.
+    """
+    n = start.shape[0]
+    dtheta = curvature[:, None] * step + wiggle * randn(g, n, steps)
+    theta = theta0[:, None] + torch.cumsum(dtheta, dim=1)
+    delta = torch.stack((torch.cos(theta), torch.sin(theta)), dim=-1) * step
+    return start[:, None, :] + torch.cumsum(delta, dim=1), theta
+
+
+def splat(points: Tensor, weights: Tensor, h: int, w: int, maps: Tensor | None = None, n_maps: int = 1) -> Tensor:
+    """Bilinear splatting of weighted points into ``(n_maps, H, W)`` density maps.
+
+    Args:
+        points: ``(N, 2)`` positions (x, y) in pixels; points outside the image are dropped.
+        weights: ``(N,)`` mass of each point.
+        h: map height.
+        w: map width.
+        maps: ``(N,)`` int64 index of each point's map (default: all in map 0).
+        n_maps: number of maps.
+    """
+    x, y = points[:, 0], points[:, 1]
+    ok = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
+    x, y, weights = x[ok].clamp(max=w - 1.001), y[ok].clamp(max=h - 1.001), weights[ok]
+    x0, y0 = torch.floor(x), torch.floor(y)
+    fx, fy = x - x0, y - y0
+    base = (y0 * w + x0).long()
+    if maps is not None:
+        base = base + maps[ok] * (h * w)
+    idx = torch.cat((base, base + 1, base + w, base + w + 1))
+    val = torch.cat(((1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy)) * weights.repeat(4)
+    return torch.bincount(idx, val, minlength=n_maps * h * w).to(torch.float32).view(n_maps, h, w)
+
+
+def draw_lines(
+    points: Tensor,
+    widths: Tensor,
+    step: float,
+    h: int,
+    w: int,
+    bins: Tensor,
+    groups: Tensor | None = None,
+    n_groups: int = 1,
+) -> Tensor:
+    """Rasterise dense polylines of varying width as opacity maps in [0, 1].
+
+    Each point is assigned to the nearest width bin; a bin's density maps are blurred with a
+    Gaussian of that width, normalised so that a line's centre reaches about 1.
+
+    Args:
+        points: ``(N, 2)`` points (x, y), consecutive points ``step`` apart along each line.
+        widths: ``(N,)`` line half-widths (Gaussian sigma, pixels).
+        step: spacing of the points (pixels).
+        h: map height.
+        w: map width.
+        bins: ``(nb,)`` sigma of each width bin (increasing).
+        groups: ``(N,)`` int64 output map of each point (e.g. veins 0, arteries 1).
+        n_groups: number of output maps.
+
+    Returns:
+        ``(n_groups, H, W)`` opacity in [0, 1].
+    """
+    nb = bins.numel()
+    which = torch.argmin((widths[:, None] - bins[None, :]).abs(), dim=1)
+    maps = which * n_groups + (0 if groups is None else groups)
+    dens = splat(points, torch.full((points.shape[0],), step), h, w, maps, nb * n_groups)
+    dens = dens.view(nb, n_groups, h, w)
+    out = torch.zeros(n_groups, h, w)
+    for b in range(nb):
+        sigma = float(bins[b])
+        prof = gaussian_blur(dens[b : b + 1], sigma)[0] * (sigma * math.sqrt(2 * math.pi))
+        torch.maximum(out, prof, out=out)
+    return out.mul_(1.4).clamp_(0, 1)
+
+
+def pick_points(
+    g: torch.Generator, n: int, cx: float, cy: float, r_max: float, avoid: tuple[float, float, float] | None = None
+) -> Tensor:
+    """``(n, 2)`` points uniform in a disc, away from an optional ``(x, y, radius)`` region.
+
+    Draws ``4 n`` candidates and keeps the first valid ones (valid points first), so the
+    amount of randomness drawn does not depend on the outcome.
+    """
+    m = 4 * max(n, 1)
+    rr = r_max * torch.sqrt(rand(g, m))
+    aa = 2 * math.pi * rand(g, m)
+    pts = torch.stack((cx + rr * torch.cos(aa), cy + rr * torch.sin(aa)), dim=1)
+    if avoid is not None:
+        bad = ((pts[:, 0] - avoid[0]) ** 2 + (pts[:, 1] - avoid[1]) ** 2) < avoid[2] ** 2
+        order = torch.argsort(bad.to(torch.int8), stable=True)
+        pts = pts[order]
+    return pts[:n]

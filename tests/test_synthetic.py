@@ -1,0 +1,247 @@
+"""Tests of the synthetic look-alike datasets (mlcl_losses.synthetic)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mlcl_losses.synthetic import (
+    CHESTXRAY14_LABELS,
+    FUNDUS_LESIONS,
+    SyntheticChestXray,
+    SyntheticFundus,
+    render_fundus,
+    view_records,
+)
+from mlcl_losses.synthetic.xray import LOCALISED
+from mlcl_losses.views import FourViewDataset, FourViewSampler, collate_four_views
+
+logger = logging.getLogger(__name__)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # noqa: ANN202
+    """These tests run many small tensor ops: intra-op threads only add overhead (and contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SIZE = 64
+
+
+@pytest.mark.parametrize("cls", [SyntheticFundus, SyntheticChestXray])
+def test_deterministic_and_independent_of_access_order(cls) -> None:  # noqa: ANN001
+    a = cls(n=6, size=SIZE, seed=3)
+    first = a[4]
+    for i in range(6):
+        a[i]
+    again = a[4]
+    fresh = cls(n=6, size=SIZE, seed=3)[4]
+    other_seed = cls(n=6, size=SIZE, seed=4)[4]
+    for s in (again, fresh):
+        assert torch.equal(first.image, s.image)
+        assert torch.equal(first.clean_image, s.clean_image)
+        assert torch.equal(first.boxes, s.boxes)
+    assert not torch.equal(first.clean_image, other_seed.clean_image)
+    assert torch.equal(a[-2].image, first.image)
+
+
+@pytest.mark.parametrize("cls", [SyntheticFundus, SyntheticChestXray])
+def test_images_shape_dtype_range(cls) -> None:  # noqa: ANN001
+    sample = cls(n=2, size=SIZE, seed=0)[1]
+    channels = 3 if cls is SyntheticFundus else 1
+    for img in (sample.image, sample.clean_image):
+        assert img.shape == (channels, SIZE, SIZE)
+        assert img.dtype == torch.float32
+        assert float(img.min()) >= 0.0
+        assert float(img.max()) <= 1.0
+    assert sample.boxes.dtype == torch.float32
+    assert sample.boxes.shape[1] == 4
+
+
+# ---------------------------------------------------------------- fundus lesions follow the grade
+def _lesions(grade: int, seeds: int = 6) -> list[torch.Tensor]:
+    return [render_fundus(SIZE, grade, torch.Generator().manual_seed(s))[3] for s in range(seeds)]
+
+
+def test_lesion_counts_and_kinds_follow_grade() -> None:
+    mean_counts = []
+    for grade in range(5):
+        kinds = _lesions(grade)
+        mean_counts.append(sum(k.numel() for k in kinds) / len(kinds))
+        present = set(torch.cat(kinds).tolist())
+        if grade == 0:
+            assert present == set()
+        if grade == 1:
+            assert present == {FUNDUS_LESIONS.index("microaneurysm")}
+        if grade >= 1:
+            assert all(k.numel() > 0 for k in kinds)
+        if grade < 4:
+            assert FUNDUS_LESIONS.index("neovascularisation") not in present
+        else:
+            assert FUNDUS_LESIONS.index("neovascularisation") in present
+    assert all(a < b for a, b in zip(mean_counts, mean_counts[1:], strict=False)), mean_counts
+
+
+@given(seed=st.integers(0, 10_000), grade=st.integers(1, 4))
+def test_fundus_boxes_inside_image_and_fov(seed: int, grade: int) -> None:
+    image, fov, boxes, kinds = render_fundus(SIZE, grade, torch.Generator().manual_seed(seed))
+    assert boxes.shape == (kinds.numel(), 4)
+    assert bool((boxes >= 0).all())
+    assert bool((boxes <= SIZE - 1).all())
+    assert bool((boxes[:, 2] >= boxes[:, 0]).all())
+    assert bool((boxes[:, 3] >= boxes[:, 1]).all())
+    corners = torch.cat([boxes[:, [0, 1]], boxes[:, [2, 1]], boxes[:, [0, 3]], boxes[:, [2, 3]]]).round().long()
+    assert bool(fov[0, corners[:, 1], corners[:, 0]].all())
+    assert bool((image[:, ~fov[0]] == 0).all())
+
+
+def test_grade_zero_samples_have_no_boxes() -> None:
+    data = SyntheticFundus(n=8, size=SIZE, seed=0, grade_probs=(1, 0, 0, 0, 0))
+    for i in range(len(data)):
+        sample = data[i]
+        assert sample.grade == 0
+        assert sample.boxes.shape == (0, 4)
+        assert sample.lesion_names == []
+
+
+# ---------------------------------------------------------------- quality labels
+@pytest.mark.parametrize("cls", [SyntheticFundus, SyntheticChestXray])
+def test_quality_labels_ordered_by_severity(cls) -> None:  # noqa: ANN001
+    data = cls(n=40, size=32, seed=1)
+    by_quality: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    mse: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    for i in range(len(data)):
+        s = data[i]
+        by_quality[s.quality].append(s.severity)
+        mse[s.quality].append(float(((s.image - s.clean_image) ** 2).mean()))
+        if s.severity == 0:
+            assert torch.equal(s.image, s.clean_image)
+            assert s.degradations == ()
+    assert all(by_quality[q] for q in range(3)), by_quality
+    assert max(by_quality[0]) < min(by_quality[1])
+    assert max(by_quality[1]) < min(by_quality[2])
+    means = [sum(v) / len(v) for v in mse.values()]
+    assert means[0] < means[1] < means[2], means
+
+
+# ---------------------------------------------------------------- chest X-ray labels
+def test_chestxray14_label_names_in_official_order() -> None:
+    assert CHESTXRAY14_LABELS == (
+        "Atelectasis",
+        "Cardiomegaly",
+        "Effusion",
+        "Infiltration",
+        "Mass",
+        "Nodule",
+        "Pneumonia",
+        "Pneumothorax",
+        "Consolidation",
+        "Edema",
+        "Emphysema",
+        "Fibrosis",
+        "Pleural_Thickening",
+        "Hernia",
+    )
+
+
+def test_chest_xray_boxes_match_localised_labels() -> None:
+    data = SyntheticChestXray(n=40, size=SIZE, seed=2)
+    seen = set()
+    normals = 0
+    for i in range(len(data)):
+        s = data[i]
+        assert s.labels.shape == (14,)
+        assert set(s.labels.unique().tolist()) <= {0.0, 1.0}
+        positive = set(torch.nonzero(s.labels).flatten().tolist())
+        seen |= positive
+        normals += not positive
+        assert set(s.box_labels.tolist()) == positive & LOCALISED
+        assert s.box_labels.numel() == len(positive & LOCALISED)
+        assert bool((s.boxes >= 0).all())
+        assert bool((s.boxes <= SIZE - 1).all())
+        assert bool((s.boxes[:, 2] > s.boxes[:, 0]).all())
+        assert bool((s.boxes[:, 3] > s.boxes[:, 1]).all())
+    assert normals > 0
+    assert len(seen) >= 8
+
+
+def test_every_finding_renders_and_changes_the_image() -> None:
+    from mlcl_losses.synthetic import render_chest_xray
+
+    base = render_chest_xray(SIZE, torch.zeros(14), torch.Generator().manual_seed(0))[0]
+    for label in range(14):
+        labels = torch.zeros(14)
+        labels[label] = 1
+        img, boxes, box_labels = render_chest_xray(SIZE, labels, torch.Generator().manual_seed(0))
+        assert float((img - base).abs().max()) > 0.02, CHESTXRAY14_LABELS[label]
+        assert box_labels.tolist() == ([label] if label in LOCALISED else [])
+
+
+# ---------------------------------------------------------------- views from synthetic records
+def test_view_records_feed_the_four_view_dataset() -> None:
+    from mlcl_losses.degrade import XrayDegradation
+
+    data = FourViewDataset(
+        view_records(SyntheticChestXray(n=3, size=SIZE, seed=0)),
+        FourViewSampler(patch_size=16),
+        XrayDegradation(0.6, "random"),
+    )
+    views, tags = collate_four_views([data[i] for i in range(3)])
+    assert views.shape[1:] == (1, 16, 16)
+    assert len(tags) == views.shape[0]
+    assert tags.label is None
+
+
+# ---------------------------------------------------------------- throughput (reported, never asserted)
+@pytest.mark.parametrize("cls", [SyntheticFundus, SyntheticChestXray])
+def test_throughput_is_reported(cls, record_property) -> None:  # noqa: ANN001
+    data = cls(n=10, size=256, seed=0)  # one thread (fixture)
+    data[0]
+    start_cpu, start = time.process_time(), time.perf_counter()
+    for i in range(1, 10):
+        data[i]
+    cpu, wall = time.process_time() - start_cpu, time.perf_counter() - start
+    rate = f"{cls.__name__}: {9 / cpu:.0f} images/s (CPU time), {9 / wall:.0f} images/s (wall), 256 px, 1 thread"
+    record_property("throughput", rate)
+    logger.info(rate)
+    print(rate)
+
+
+# ---------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"n": -1}, ValueError),
+        ({"size": 16}, ValueError),
+        ({"seed": 1.5}, TypeError),
+        ({"quality_probs": (1, 1)}, ValueError),
+        ({"quality_probs": (-1, 1, 1)}, ValueError),
+        ({"severity_ranges": ((0.5, 0.6), (0.1, 0.2), (0.7, 1.0))}, ValueError),
+        ({"severity_ranges": ((0.0, 0.1), (0.3, 1.2), (0.7, 1.0))}, ValueError),
+    ],
+    ids=["n", "size", "seed", "probs-len", "probs-neg", "ranges-order", "ranges-bound"],
+)
+@pytest.mark.parametrize("cls", [SyntheticFundus, SyntheticChestXray])
+def test_dataset_validation(cls, kwargs: dict, error: type[Exception]) -> None:  # noqa: ANN001
+    with pytest.raises(error):
+        cls(**({"n": 2} | kwargs))
+
+
+def test_index_validation() -> None:
+    data = SyntheticFundus(n=2, size=SIZE)
+    with pytest.raises(IndexError):
+        data[2]
+    with pytest.raises(TypeError):
+        data["0"]  # type: ignore[index]
+    with pytest.raises(ValueError, match="grade_probs"):
+        SyntheticFundus(n=2, grade_probs=(1, 1))
+    with pytest.raises(ValueError, match="normal_prob"):
+        SyntheticChestXray(n=2, normal_prob=1.5)
