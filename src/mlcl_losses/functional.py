@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple, Union
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -66,7 +66,7 @@ _IMPLS: tuple[str, ...] = ("auto", "fused", "reference")
 #: bool negative mask of the level; the weights ``(N, C)`` multiply each negative's
 #: exponential term. :class:`~mlcl_losses.self_paced.SelfPacedWeighting` is one.
 NegativeWeightFn = Callable[[Tensor, Tensor], Tensor]
-NegativeWeights = Union[Tensor, NegativeWeightFn, None]
+NegativeWeights = Tensor | NegativeWeightFn | None
 AnchorWeightFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -166,14 +166,16 @@ def _resolve_weights(spec: NegativeWeights, hardness: Tensor, mask: Tensor, leve
     elif callable(spec):
         weights = spec(hardness.detach(), mask)
     else:
-        raise TypeError(f"Expected `negative_weights` to be a tensor, a callable or None, but got {type(spec).__name__}")
+        raise TypeError(
+            f"Expected `negative_weights` to be a tensor, a callable or None, but got {type(spec).__name__}"
+        )
     if not isinstance(weights, Tensor) or weights.shape != hardness.shape:
         got = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
         raise ValueError(
             f"Expected `negative_weights` of level {level.name!r} to have shape {tuple(hardness.shape)} "
             f"(anchors, batch + bank candidates), but got {got}"
         )
-    weights = weights.to(hardness.dtype)
+    weights = weights.detach().to(hardness.dtype)  # constants: no gradient flows into the weights
     bad = mask & ~(torch.isfinite(weights) & (weights >= 0))
     if bool(bad.any()):
         raise ValueError(f"Expected finite `negative_weights` >= 0, but got {float(weights[bad][0])}")
@@ -200,6 +202,25 @@ def _bank_part(
     safe = candidates.clamp_min(0).long()
     cos = torch.einsum("nd,nkd->nk", z, bank_z[safe])  # (N, k)
     return cos, bank_negative_mask(tags, bank_tags[safe], level) & valid
+
+
+def _normalize_bank(raw: Tensor, candidates: object, n_levels: int, dtype: torch.dtype) -> Tensor:
+    """Normalised bank ``(M, D)``; with candidates for every level only the rows they use are read.
+
+    An index's ring buffer holds unfilled (zero) slots that no search returns, so only the rows that
+    the candidates reference must be valid.
+    """
+    per_level = _per_level(candidates, n_levels, "candidates")
+    if any(c is None for c in per_level) or not all(isinstance(c, Tensor) for c in per_level):
+        return normalize_embeddings(raw, "bank embeddings").to(dtype)
+    if not isinstance(raw, Tensor) or raw.dim() != 2:
+        raise ValueError(f"Expected bank embeddings of shape (M, D), but got {getattr(raw, 'shape', type(raw))}")
+    used = torch.cat([c.reshape(-1) for c in per_level])
+    used = torch.unique(used[used >= 0]).long().clamp_max(raw.shape[0] - 1)
+    out = raw.new_zeros(raw.shape, dtype=dtype)
+    if used.numel():
+        out = out.index_put((used,), normalize_embeddings(raw[used], "bank embeddings").to(dtype))
+    return out
 
 
 def multilevel_info_nce(
@@ -294,10 +315,13 @@ def multilevel_info_nce(
     if bank is not None:
         if not (isinstance(bank, (tuple, list)) and len(bank) == 2):
             raise TypeError("Expected `bank` to be a tuple (bank_embeddings (M, D), bank_tags (M,))")
-        bank_z = normalize_embeddings(bank[0], "bank embeddings").to(z.dtype)
-        if bank_z.shape[1] != d:
-            raise ValueError(f"Expected bank embeddings of dimension {d} (as `embeddings`), but got {bank_z.shape[1]}")
+        raw_bank = bank[0]
+        if isinstance(raw_bank, Tensor) and raw_bank.dim() == 2 and raw_bank.shape[1] != d:
+            raise ValueError(
+                f"Expected bank embeddings of dimension {d} (as `embeddings`), but got {raw_bank.shape[1]}"
+            )
         bank_tags = bank[1]
+        bank_z = _normalize_bank(raw_bank, candidates, len(levels), z.dtype)
         _check_tags(bank_tags, bank_z.shape[0], "bank tags")
     per_level_candidates = _per_level(candidates, len(levels), "candidates")
     for cand in per_level_candidates:
@@ -315,8 +339,12 @@ def multilevel_info_nce(
 
     from mlcl_losses import _fused  # local import: the fused module imports this one
 
-    if impl != "reference" and reduction == "mean" and _fused.supports(
-        z, tags, levels, bank_z, per_level_candidates, per_level_weights, anchor_weights, tau_plus, beta, pair_mask
+    if (
+        impl != "reference"
+        and reduction == "mean"
+        and _fused.supports(
+            z, tags, levels, bank_z, per_level_candidates, per_level_weights, anchor_weights, tau_plus, beta, pair_mask
+        )
     ):
         return _fused.multilevel_info_nce_fused(
             z, tags, levels, float(temperature), denominator, bank_z, bank_tags, per_level_candidates, per_level_weights
@@ -440,7 +468,8 @@ def _debiased_pair_terms(
     if beta > 0:
         imp_logits = torch.where(neg, beta * logits, neg_inf)
         imp = torch.exp(imp_logits - imp_logits.amax(dim=1, keepdim=True).detach().nan_to_num(0.0, 0.0, 0.0))
-        reweighted = count * (imp * e_neg).sum(dim=1, keepdim=True) / imp.sum(dim=1, keepdim=True).clamp_min(1e-300)
+        imp_sum = imp.sum(dim=1, keepdim=True)  # >= 1 where the row has a negative, 0 where it has none
+        reweighted = count * (imp * e_neg).sum(dim=1, keepdim=True) / torch.where(imp_sum > 0, imp_sum, 1.0)
     else:
         reweighted = e_neg.sum(dim=1, keepdim=True)
     ng = (-tau_plus * count * e + reweighted) / (1.0 - tau_plus)  # (N, C), per positive column

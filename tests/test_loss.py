@@ -1,0 +1,257 @@
+"""Tests of mlcl_losses.loss.MultiLevelContrastiveLoss (the index integration is tested in test_index.py)."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from mlcl_losses.functional import multilevel_info_nce
+from mlcl_losses.levels import Level, comcl_levels, level_masks
+from mlcl_losses.loss import MultiLevelContrastiveLoss
+from mlcl_losses.self_paced import PaceSchedule, SelfPacedWeighting
+from mlcl_losses.tags import ViewTags
+
+TOL64 = {"rtol": 1e-10, "atol": 1e-10}
+IMPLS = [pytest.param("reference", id="reference"), pytest.param("auto", id="auto")]
+
+
+def batch(device: torch.device, seed: int = 0, boxes: int = 3) -> tuple[torch.Tensor, ViewTags]:
+    """``boxes`` lesion boxes (V1a, V1b, V2) and as many healthy patches (V3, V4), one image each."""
+    kind, quality, source = [], [], []
+    for b in range(boxes):
+        kind += [1, 1, 1, 0, 0]
+        quality += [0, 0, 1, 0, 1]
+        source += [2 * b, 2 * b, 2 * b, 2 * b + 1, 2 * b + 1]
+    tags = ViewTags(kind=kind, quality=quality, source=source, image=[s // 2 for s in source]).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(len(tags), 8, generator=gen, dtype=torch.float64).to(device)
+    return z, tags
+
+
+def grads(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    (g,) = torch.autograd.grad(loss, x)
+    return g
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({}, id="defaults"),
+        pytest.param({"denominator": "all", "temperature": 0.5}, id="all"),
+        pytest.param({"tau_plus": 0.1, "beta": 0.5}, id="hcl"),
+        pytest.param({"levels": [Level.instance()], "temperature": 0.2}, id="instance"),
+    ],
+)
+def test_equals_function(options: dict[str, Any], impl: str, device: torch.device) -> None:
+    z, tags = batch(device)
+    z.requires_grad_(True)
+    criterion = MultiLevelContrastiveLoss(**options, impl=impl)
+    loss, stats = criterion(z, tags)
+    fn_options = {k: v for k, v in options.items() if k != "levels"}
+    expected, expected_stats = multilevel_info_nce(
+        z, tags, options.get("levels", comcl_levels()), **fn_options, impl="reference"
+    )
+    torch.testing.assert_close(loss, expected, **TOL64)
+    torch.testing.assert_close(grads(loss, z), grads(expected, z), **TOL64)
+    assert list(stats) == list(expected_stats)
+    for name, s in stats.items():
+        assert int(s.anchors) == int(expected_stats[name].anchors)
+        torch.testing.assert_close(s.loss, expected_stats[name].loss, **TOL64)
+
+
+def test_default_levels_are_comcl() -> None:
+    criterion = MultiLevelContrastiveLoss()
+    assert criterion.levels == comcl_levels()
+    assert "lesion" in repr(criterion)
+    assert "temperature=0.1" in repr(criterion)
+
+
+def _weights_by_hand(
+    z: torch.Tensor, tags: ViewTags, levels: list[Level], spl: SelfPacedWeighting
+) -> list[torch.Tensor]:
+    zn = torch.nn.functional.normalize(z.detach(), dim=1)
+    cos = zn @ zn.T
+    return [spl(cos, m.negatives) for m in level_masks(tags, levels)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    ("regularizer", "schedule"),
+    [
+        pytest.param("linear", PaceSchedule.constant(0.3), id="linear"),
+        pytest.param("hard", PaceSchedule.linear(0.1, 0.9, 4), id="hard-ramp"),
+        pytest.param("mixture", PaceSchedule.exponential(0.1, 1.0, 3), id="mixture"),
+        pytest.param("hard", PaceSchedule.quantile(0.5, 1.0, 4), id="quantile"),
+    ],
+)
+def test_negative_weighting_equals_weights_by_hand(
+    regularizer: str, schedule: PaceSchedule, impl: str, device: torch.device
+) -> None:
+    z, tags = batch(device, seed=1)
+    z.requires_grad_(True)
+    spl = SelfPacedWeighting(regularizer, schedule, target="negatives")  # type: ignore[arg-type]
+    criterion = MultiLevelContrastiveLoss(weighting=spl, impl=impl)
+    levels = comcl_levels()
+    for _ in range(3):  # also after the pace moved
+        loss, _ = criterion(z, tags)
+        expected, _ = multilevel_info_nce(z, tags, levels, negative_weights=_weights_by_hand(z, tags, levels, spl))
+        torch.testing.assert_close(loss, expected, **TOL64)
+        torch.testing.assert_close(grads(loss, z), grads(expected, z), **TOL64)
+        criterion.step()
+
+
+def test_weighting_mapping_weights_only_named_levels(device: torch.device) -> None:
+    z, tags = batch(device, seed=2)
+    spl = SelfPacedWeighting("hard", PaceSchedule.constant(0.2))
+    criterion = MultiLevelContrastiveLoss(weighting={"healthy": spl})
+    loss, _ = criterion(z, tags)
+    levels = comcl_levels()
+    by_hand = _weights_by_hand(z, tags, levels, spl)
+    expected, _ = multilevel_info_nce(z, tags, levels, negative_weights=[None, None, by_hand[2]])
+    torch.testing.assert_close(loss, expected, **TOL64)
+    unweighted, _ = multilevel_info_nce(z, tags, levels)
+    assert not torch.allclose(loss, unweighted)
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        pytest.param(PaceSchedule.constant(2.0), id="constant"),
+        pytest.param(PaceSchedule.quantile(0.5, 1.0, 2), id="quantile"),
+    ],
+)
+def test_anchor_weighting_equals_weights_by_hand(schedule: PaceSchedule, device: torch.device) -> None:
+    z, tags = batch(device, seed=3)
+    z.requires_grad_(True)
+    spl = SelfPacedWeighting("linear", schedule, target="anchors")
+    levels = comcl_levels(1.0, 0.5, 2.0)
+    loss, stats = MultiLevelContrastiveLoss(levels, weighting=spl)(z, tags)
+    unit = [Level(lv.name, lv.anchors, lv.positives, lv.relation, lv.negatives) for lv in levels]  # weight 1
+    per_anchor, unit_stats = multilevel_info_nce(z, tags, unit, reduction="none")
+    expected = z.sum() * 0
+    for lv, row in zip(levels, per_anchor, strict=True):
+        valid = unit_stats[lv.name].valid
+        v = spl(row.detach(), valid)
+        expected = expected + lv.weight * (v * row)[valid].sum() / valid.sum()
+    torch.testing.assert_close(loss, expected, **TOL64)
+    torch.testing.assert_close(grads(loss, z), grads(expected, z), **TOL64)
+
+
+def test_step_advances_the_pace_once_per_weighting(device: torch.device) -> None:
+    shared = SelfPacedWeighting("linear", PaceSchedule.linear(0.1, 1.0, 10))
+    criterion = MultiLevelContrastiveLoss(weighting=shared)
+    assert shared.schedule.step_count == 0
+    criterion.step()
+    assert shared.schedule.step_count == 1  # shared by three levels, stepped once
+    criterion.step(3)
+    assert shared.schedule.step_count == 4
+    assert shared.lam() == pytest.approx(0.1 + 0.9 * 4 / 10)
+    a = SelfPacedWeighting("hard", PaceSchedule.step([0.2, 0.8], [1]))
+    b = SelfPacedWeighting("hard", PaceSchedule.step([0.2, 0.8], [1]))
+    two = MultiLevelContrastiveLoss(weighting={"lesion": a, "healthy": b})
+    z, tags = batch(device, seed=4)
+    before, _ = two(z, tags)
+    two.step()
+    assert (a.schedule.step_count, b.schedule.step_count) == (1, 1)
+    after, _ = two(z, tags)
+    assert not torch.allclose(before, after)  # more negatives admitted at the higher pace
+
+
+def test_state_dict_round_trip(device: torch.device) -> None:
+    def make() -> MultiLevelContrastiveLoss:
+        spl = SelfPacedWeighting("linear", PaceSchedule.linear(0.1, 1.0, 10))
+        return MultiLevelContrastiveLoss(weighting={"lesion": spl, "quality": spl})
+
+    criterion = make()
+    criterion.step(3)
+    z, tags = batch(device, seed=5)
+    loss, _ = criterion(z, tags)
+    buffer = io.BytesIO()
+    torch.save(criterion.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    restored = make()
+    assert restored.weightings["lesion"].schedule.step_count == 0
+    restored.load_state_dict(state)
+    assert restored.weightings["lesion"].schedule.step_count == 3
+    assert restored.weightings["quality"].schedule.step_count == 3
+    torch.testing.assert_close(restored(z, tags)[0], loss, **TOL64)
+
+
+def test_module_in_a_training_step(device: torch.device) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4).to(device)
+    criterion = MultiLevelContrastiveLoss(weighting=SelfPacedWeighting("linear", PaceSchedule.linear(0.2, 1.0, 3)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _, tags = batch(device)
+    for _ in range(3):
+        x = torch.randn(len(tags), 8, device=device)
+        loss, stats = criterion(model(x), tags)
+        assert torch.isfinite(loss)
+        assert loss.dtype == torch.float32
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        criterion.step()
+    assert all(int(s.anchors) > 0 for s in stats.values())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        pytest.param({"temperature": 0.0}, ValueError, "`temperature`.*0.0", id="temperature-0"),
+        pytest.param({"temperature": -1}, ValueError, "`temperature`", id="temperature-neg"),
+        pytest.param({"temperature": float("inf")}, ValueError, "`temperature`", id="temperature-inf"),
+        pytest.param({"k": 0}, ValueError, "`k`.*0", id="k-0"),
+        pytest.param({"k": 2.5}, ValueError, "`k`", id="k-float"),
+        pytest.param({"levels": []}, ValueError, "`levels`", id="no-levels"),
+        pytest.param({"levels": [Level.instance(), Level.instance()]}, ValueError, "unique level names", id="dup"),
+        pytest.param({"levels": ["lesion"]}, TypeError, "`levels`", id="not-a-level"),
+        pytest.param(
+            {"weighting": {"lesions": SelfPacedWeighting()}}, ValueError, "`weighting`.*lesions", id="unknown-level"
+        ),
+        pytest.param({"weighting": {"lesion": 0.5}}, TypeError, "`weighting\\['lesion'\\]`", id="mapping-value"),
+        pytest.param({"weighting": "linear"}, TypeError, "`weighting`", id="weighting-type"),
+        pytest.param(
+            {"levels": [Level("a.b")], "weighting": SelfPacedWeighting()}, ValueError, "level names", id="dotted-name"
+        ),
+    ],
+)
+def test_bad_arguments_raise(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        MultiLevelContrastiveLoss(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        pytest.param({"denominator": "both"}, "`denominator`", id="denominator"),
+        pytest.param({"tau_plus": 1.5}, "`tau_plus`", id="tau-plus"),
+        pytest.param({"beta": -1.0}, "`beta`", id="beta"),
+        pytest.param({"impl": "cuda"}, "`impl`", id="impl"),
+    ],
+)
+def test_bad_options_raise_at_the_latest_on_call(kwargs: dict[str, Any], match: str, device: torch.device) -> None:
+    z, tags = batch(device)
+    with pytest.raises(ValueError, match=match):
+        MultiLevelContrastiveLoss(**kwargs)(z, tags)
+
+
+def test_bad_calls_raise(device: torch.device) -> None:
+    z, tags = batch(device)
+    criterion = MultiLevelContrastiveLoss()
+    with pytest.raises(ValueError, match="`index`"):
+        criterion(z, tags, keys=z)
+    with pytest.raises(ValueError, match="`embeddings` and `tags`"):
+        criterion(z[:-1], tags)
+    with pytest.raises(ValueError, match="tags.label"):
+        MultiLevelContrastiveLoss([Level.supervised()])(z, tags)
+    one = SelfPacedWeighting("linear", target="anchors")
+    partial = MultiLevelContrastiveLoss(weighting={"lesion": one})
+    with pytest.raises(ValueError, match="[Aa]nchor weighting"):
+        partial(z, tags)
