@@ -255,3 +255,94 @@ def test_bad_calls_raise(device: torch.device) -> None:
     partial = MultiLevelContrastiveLoss(weighting={"lesion": one})
     with pytest.raises(ValueError, match="[Aa]nchor weighting"):
         partial(z, tags)
+
+
+# --------------------------------------------------------------------------- with a hard-negative index
+def _index_setup(n_bank: int, seed: int, with_label: bool):
+    from mlcl_losses.index import HardNegativeIndex
+
+    g = torch.Generator().manual_seed(seed)
+    n_src = 6
+    kind = torch.tensor([1, 1, 1] * (n_src // 2) + [0, 0] * (n_src // 2))
+    quality = torch.tensor([0, 0, 1] * (n_src // 2) + [0, 1] * (n_src // 2))
+    source = torch.tensor(
+        [s for s in range(n_src // 2) for _ in range(3)] + [s for s in range(3, n_src) for _ in range(2)]
+    )
+    label = torch.randint(0, 3, (n_src,), generator=g)[source] if with_label else None
+    tags = ViewTags(kind=kind, quality=quality, source=source, label=label, image=source // 2)
+    bank_tags = ViewTags(
+        kind=torch.randint(0, 2, (n_bank,), generator=g),
+        quality=torch.randint(0, 2, (n_bank,), generator=g),
+        source=torch.randint(0, 20, (n_bank,), generator=g),  # some share a batch source: never negatives
+        label=torch.randint(0, 3, (n_bank,), generator=g) if with_label else None,
+        image=torch.randint(0, 12, (n_bank,), generator=g),
+    )
+    bank = torch.randn(n_bank, 16, generator=g, dtype=torch.float64)
+    index = HardNegativeIndex(dim=16, capacity=64, backend="torch", dtype=torch.float32)
+    index.add(bank.float(), bank_tags)
+    z = torch.randn(len(tags), 16, generator=g, dtype=torch.float64)
+    return z, tags, index
+
+
+def _top_k_by_hand(z, tags, index, level, k):
+    """Each anchor's k most similar allowed bank entries, written out with the level's own mask."""
+    from mlcl_losses.levels import bank_negative_mask
+
+    n_valid = len(index)
+    bank = torch.nn.functional.normalize(index.embeddings[:n_valid].double(), dim=1)
+    cos = torch.nn.functional.normalize(z, dim=1) @ bank.T
+    allowed = bank_negative_mask(tags, index.tags[:n_valid], level)
+    cos = cos.masked_fill(~allowed, float("-inf"))
+    top = cos.topk(min(k, n_valid), dim=1)
+    cand = torch.where(torch.isfinite(top.values), top.indices, -1)
+    return torch.nn.functional.pad(cand, (0, k - cand.shape[1]), value=-1)
+
+
+@pytest.mark.parametrize("with_label", [False, True], ids=["no-label", "label"])
+@pytest.mark.parametrize("k", [3, 8], ids=["k3", "k8"])
+def test_index_negatives_are_each_levels_top_k_allowed_entries(k: int, with_label: bool) -> None:
+    z, tags, index = _index_setup(n_bank=40, seed=k, with_label=with_label)
+    levels = [*comcl_levels(), Level.supervised(name="sup")] if with_label else comcl_levels()
+    criterion = MultiLevelContrastiveLoss(levels, temperature=0.2, index=index, k=k, impl="reference")
+    loss, stats = criterion(z, tags)
+    candidates = [_top_k_by_hand(z, tags, index, level, k) for level in levels]
+    expected, expected_stats = multilevel_info_nce(
+        z, tags, levels, temperature=0.2, bank=(index.embeddings, index.tags), candidates=candidates, impl="reference"
+    )
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)  # index searches in float32
+    for name in expected_stats:
+        assert int(stats[name].anchors) == int(expected_stats[name].anchors)
+
+
+def test_index_with_k_covering_the_bank_equals_the_whole_bank() -> None:
+    z, tags, index = _index_setup(n_bank=30, seed=0, with_label=False)
+    levels = comcl_levels()
+    criterion = MultiLevelContrastiveLoss(levels, temperature=0.2, index=index, k=30, impl="reference")
+    loss, _ = criterion(z, tags)
+    whole, _ = multilevel_info_nce(
+        z, tags, levels, temperature=0.2, bank=(index.embeddings[:30].double(), index.tags[:30]), impl="reference"
+    )
+    torch.testing.assert_close(loss, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_keys_are_enqueued_after_the_loss() -> None:
+    z, tags, index = _index_setup(n_bank=10, seed=1, with_label=False)
+    criterion = MultiLevelContrastiveLoss(comcl_levels(), index=index, k=4)
+    before = len(index)
+    criterion(z.float(), tags, keys=z.float() * 2)
+    assert len(index) == before + len(tags)
+    assert torch.equal(index.tags.source[before : before + len(tags)], tags.source)
+
+
+def test_keys_without_index_raise() -> None:
+    criterion = MultiLevelContrastiveLoss(comcl_levels())
+    z, tags, _ = _index_setup(n_bank=4, seed=2, with_label=False)
+    with pytest.raises(ValueError, match="no `index`"):
+        criterion(z, tags, keys=z)
+
+
+def test_k_larger_than_index_capacity_raises() -> None:
+    from mlcl_losses.index import HardNegativeIndex
+
+    with pytest.raises(ValueError, match="capacity"):
+        MultiLevelContrastiveLoss(comcl_levels(), index=HardNegativeIndex(dim=4, capacity=8, backend="torch"), k=9)

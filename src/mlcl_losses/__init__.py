@@ -6,6 +6,7 @@ loss, self-paced weighting and a hard-negative index.
 """
 
 from mlcl_losses.functional import LevelStats, multilevel_info_nce
+from mlcl_losses.index import HardNegativeIndex, SearchResult
 from mlcl_losses.levels import Level, Select, comcl_levels, level_masks
 from mlcl_losses.loss import MultiLevelContrastiveLoss
 from mlcl_losses.self_paced import PaceSchedule, SelfPacedWeighting, self_paced_weights
@@ -26,6 +27,7 @@ __all__ = [
     "FourViewRecord",
     "FourViewSampler",
     "FourViews",
+    "HardNegativeIndex",
     "Kind",
     "Level",
     "LevelStats",
@@ -33,6 +35,7 @@ __all__ = [
     "PaceSchedule",
     "LightAugment",
     "Quality",
+    "SearchResult",
     "Select",
     "SelfPacedWeighting",
     "ViewTags",
