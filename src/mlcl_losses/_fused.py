@@ -93,16 +93,24 @@ def supports(
 
 @dataclass
 class _Tile:
-    """One similarity tile of a row block: columns of the batch, the bank or mined candidates."""
+    """One similarity tile of a row group: columns of the batch, the bank or mined candidates."""
 
     kind: str  # "batch" | "bank" | "cand"
     c0: int  # first column (batch/bank index; candidate slot for "cand")
     c1: int
     cos: Tensor  # (R, C) cosine similarities
-    pos: list[Tensor | None]  # per level, (R, C) bool or None (no positive in this tile)
-    neg: list[Tensor | None]  # per level, (R, C) bool or None
-    logw: list[Tensor | None]  # per level, (R, C) log negative weight or None (weight 1)
-    safe: Tensor | None = None  # (R, C) bank index of candidate tiles
+    neg: dict[int, Tensor]  # level -> (R, C) bool negative mask
+    logw: dict[int, Tensor | None]  # level -> (R, C) log negative weight (-inf outside the mask) or None (weight 1)
+    pos: dict[int, tuple[Tensor, Tensor]]  # level -> positive pairs (row in tile (P,), column in tile (P,))
+    safe: Tensor | None = None  # (R, C) bank index of a candidate tile
+
+
+@dataclass
+class _Group:
+    """Row tile: rows (in batch order) that are rows of the same set of levels."""
+
+    rows: Tensor  # (R,) int64 batch indices
+    levels: list[int]
 
 
 class _Plan:
@@ -137,7 +145,7 @@ class _Plan:
         self.possel = [level.positives(tags) for level in levels]
         self.negsel = [level.negatives(tags) for level in levels]
         self.bank_negsel = [level.negatives(bank_tags) for level in levels] if bank_tags is not None else []
-        # Distinct candidate tensors (levels may share one) and the levels reading the whole bank.
+        # Distinct candidate tensors (levels may share one).
         self.cand_groups: list[tuple[Tensor, list[int]]] = []
         for li, cand in enumerate(candidates):
             if cand is None or bank_tags is None:
@@ -148,21 +156,48 @@ class _Plan:
                     break
             else:
                 self.cand_groups.append((cand, [li]))
-        self.full_bank_levels = [
-            li for li, cand in enumerate(candidates) if cand is None and bank_tags is not None and levels[li].bank_negatives
-        ]
+        self.full_bank_levels = {
+            li
+            for li, cand in enumerate(candidates)
+            if cand is None and bank_tags is not None and levels[li].bank_negatives
+        }
 
-    # ------------------------------------------------------------------ masks
-    def _rows_tags(self, r0: int, r1: int) -> ViewTags:
-        return self.tags[r0:r1]
+    def groups(self, row_masks: Sequence[Tensor]) -> list[_Group]:
+        """Row tiles: rows sorted by the set of levels they are rows of, at most ``block_rows`` each.
 
-    def _weight_tile(self, li: int, cos: Tensor, neg: Tensor, rows: slice, cols: slice | Tensor) -> Tensor | None:
-        """``log w`` of one tile (``-inf`` outside ``neg``), or ``None`` for unit weights."""
+        Rows of no level are skipped, and a tile never mixes level sets, so no tile spends work
+        on rows a level would mask out (CoMCL: each patch is the anchor of at most one level).
+        One host synchronisation per call.
+        """
+        if not row_masks or self.n == 0:
+            return []
+        signature = torch.zeros(self.n, dtype=torch.long, device=row_masks[0].device)
+        for li, mask in enumerate(row_masks):
+            signature |= mask.long() << li
+        order = torch.argsort(signature, stable=True)
+        sig_sorted = signature[order]
+        values, counts = torch.unique_consecutive(sig_sorted, return_counts=True)
+        out: list[_Group] = []
+        start = 0
+        for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+            if value != 0:
+                levels = [li for li in range(len(row_masks)) if (value >> li) & 1]
+                for p0 in range(start, start + count, self.block_rows):
+                    p1 = min(start + count, p0 + self.block_rows)
+                    out.append(_Group(order[p0:p1], levels))
+            start += count
+        return out
+
+    def _weight_tile(self, li: int, cos: Tensor, neg: Tensor, rows: Tensor, c0: int, c1: int) -> Tensor | None:
+        """``log w`` of one tile (``-inf`` outside ``neg``), or ``None`` for unit weights.
+
+        ``c0:c1`` are columns of the ``(N, N + C_b)`` weight matrix.
+        """
         spec = self.weights[li]
         if spec is None:
             return None
         if isinstance(spec, Tensor):
-            w = spec[rows, cols] if isinstance(cols, slice) else spec[rows][:, cols]
+            w = spec[rows.to(spec.device), c0:c1]
         else:
             w = spec(cos.detach(), neg)
             if not isinstance(w, Tensor) or w.shape != cos.shape:
@@ -179,27 +214,18 @@ class _Plan:
         neg_inf = torch.full_like(w, float("-inf"))
         return torch.where(neg & (w > 0), torch.log(torch.where(ok, w, torch.ones_like(w))), neg_inf)
 
-    def tiles(
-        self, z: Tensor, bank_z: Tensor | None, r0: int, r1: int, row_levels: list[bool], batch_only: bool = False
-    ) -> Iterator[_Tile]:
-        """Yield the similarity tiles of rows ``r0:r1`` with each active level's masks.
+    def tiles(self, z: Tensor, bank_z: Tensor | None, group: _Group) -> Iterator[_Tile]:
+        """Yield the similarity tiles of a row group with its levels' masks.
 
         Args:
             z: ``(N, D)`` normalised embeddings.
             bank_z: ``(M, D)`` normalised bank or ``None``.
-            r0: first row.
-            r1: one past the last row.
-            row_levels: which levels are computed for these rows (``rows`` of the level's
-                row mask are the anchors, or the valid anchors in backward).
-            batch_only: only the batch columns (positives live there).
+            group: the row tile and its levels.
         """
         levels, n, bc = self.levels, self.n, self.block_cols
-        zr = z[r0:r1]  # (R, D)
-        tr = self.tags[r0:r1]
-        rows = torch.arange(r0, r1, device=z.device)
-        row_masks = [self.anchors[li][r0:r1] for li in range(len(levels))]
-        active = [li for li in range(len(levels)) if row_levels[li]]
-
+        rows = group.rows
+        zr = z[rows]  # (R, D)
+        tr = self.tags[rows]
         for c0 in range(0, n, bc):
             c1 = min(n, c0 + bc)
             cos = zr @ z[c0:c1].T  # (R, C)
@@ -209,68 +235,57 @@ class _Plan:
             if tr.image is not None and tc.image is not None:
                 forbid = forbid | (tr.image[:, None] == tc.image[None, :])
             same_label = None if tr.label is None or tc.label is None else tr.label[:, None] == tc.label[None, :]
-            not_self = None
-            if c0 < r1 and r0 < c1:  # the tile crosses the diagonal
-                not_self = rows[:, None] != torch.arange(c0, c1, device=z.device)[None, :]
-            pos: list[Tensor | None] = [None] * len(levels)
-            neg: list[Tensor | None] = [None] * len(levels)
-            logw: list[Tensor | None] = [None] * len(levels)
-            for li in active:
-                level, a = levels[li], row_masks[li]
+            pos: dict[int, tuple[Tensor, Tensor]] = {}
+            neg: dict[int, Tensor] = {}
+            logw: dict[int, Tensor | None] = {}
+            for li in group.levels:
+                level = levels[li]
                 related = same_source if level.relation == "source" else same_label
                 if related is not None:
-                    p = a[:, None] & related & self.possel[li][c0:c1][None, :]
-                    pos[li] = p if not_self is None else p & not_self
-                if level.in_batch_negatives and not batch_only:
-                    f = forbid if not (level.needs_label and same_label is not None) else forbid | same_label
-                    q = a[:, None] & self.negsel[li][c0:c1][None, :] & ~f
-                    neg[li] = q if not_self is None else q & not_self
-                    logw[li] = self._weight_tile(li, cos, neg[li], slice(r0, r1), slice(c0, c1))
-            yield _Tile("batch", c0, c1, cos, pos, neg, logw)
-        if batch_only or bank_z is None or self.bank_tags is None:
+                    ri, cj = (related & self.possel[li][c0:c1][None, :]).nonzero(as_tuple=True)
+                    keep = rows[ri] != cj + c0  # never its own positive
+                    pos[li] = (ri[keep], cj[keep])
+                if level.in_batch_negatives:
+                    f = forbid | same_label if level.needs_label and same_label is not None else forbid
+                    q = self.negsel[li][c0:c1][None, :] & ~f  # the diagonal shares the source: excluded
+                    neg[li] = q
+                    logw[li] = self._weight_tile(li, cos, q, rows, c0, c1)
+            yield _Tile("batch", c0, c1, cos, neg, logw, pos)
+        if bank_z is None or self.bank_tags is None:
             return
 
-        bank_levels = [li for li in self.full_bank_levels if row_levels[li]]
+        bank_levels = [li for li in group.levels if li in self.full_bank_levels]
         if bank_levels:
             for c0 in range(0, self.bank_size, bc):
                 c1 = min(self.bank_size, c0 + bc)
                 cos = zr @ bank_z[c0:c1].T  # (R, C)
                 tc = self.bank_tags[c0:c1]
-                neg = [None] * len(levels)
-                logw = [None] * len(levels)
+                neg, logw = {}, {}
                 for li in bank_levels:
-                    level, a = levels[li], row_masks[li]
-                    f = _forbid(tr, tc, level)
-                    sel = self.bank_negsel[li][c0:c1]  # (C,)
-                    neg[li] = a[:, None] & sel[None, :] & ~f
-                    logw[li] = self._weight_tile(li, cos, neg[li], slice(r0, r1), slice(n + c0, n + c1))
-                yield _Tile("bank", c0, c1, cos, [None] * len(levels), neg, logw)
+                    q = self.bank_negsel[li][c0:c1][None, :] & ~_forbid(tr, tc, levels[li])
+                    neg[li] = q
+                    logw[li] = self._weight_tile(li, cos, q, rows, n + c0, n + c1)
+                yield _Tile("bank", c0, c1, cos, neg, logw, {})
 
         for cand, members in self.cand_groups:
-            group = [li for li in members if row_levels[li] and levels[li].bank_negatives]
-            if not group:
+            cand_levels = [li for li in members if li in group.levels and levels[li].bank_negatives]
+            if not cand_levels:
                 continue
             k = cand.shape[1]
+            cand_rows = cand[rows.to(cand.device)]  # (R, k)
             for c0 in range(0, k, bc):
                 c1 = min(k, c0 + bc)
-                idx = cand[r0:r1, c0:c1].to(z.device)  # (R, C)
+                idx = cand_rows[:, c0:c1].to(z.device)  # (R, C)
                 valid = idx >= 0
                 safe = idx.clamp_min(0).long()
                 cos = torch.einsum("rd,rcd->rc", zr, bank_z[safe])  # (R, C)
                 tc = self.bank_tags[safe]  # (R, C) tags
-                neg = [None] * len(levels)
-                logw = [None] * len(levels)
-                for li in group:
-                    level, a = levels[li], row_masks[li]
-                    f = _forbid(tr, tc, level)
-                    sel = self.negatives_of(li, tc)
-                    neg[li] = a[:, None] & sel & valid & ~f
-                    logw[li] = self._weight_tile(li, cos, neg[li], slice(r0, r1), slice(n + c0, n + c1))
-                yield _Tile("cand", c0, c1, cos, [None] * len(levels), neg, logw, safe)
-
-    def negatives_of(self, li: int, tags: ViewTags) -> Tensor:
-        """The level's negative selector on (gathered) tags of any shape."""
-        return self.levels[li].negatives(tags)
+                neg, logw = {}, {}
+                for li in cand_levels:
+                    q = levels[li].negatives(tc) & valid & ~_forbid(tr, tc, levels[li])
+                    neg[li] = q
+                    logw[li] = self._weight_tile(li, cos, q, rows, n + c0, n + c1)
+                yield _Tile("cand", c0, c1, cos, neg, logw, {}, safe)
 
 
 def _forbid(tr: ViewTags, tc: ViewTags, level: Level) -> Tensor:
@@ -289,16 +304,19 @@ def _forbid(tr: ViewTags, tc: ViewTags, level: Level) -> Tensor:
 
 def _masked(values: Tensor, mask: Tensor, logw: Tensor | None) -> Tensor:
     """``values + log w`` where ``mask``, ``-inf`` elsewhere."""
-    x = values if logw is None else values + logw
-    return torch.where(mask, x, torch.full_like(values, float("-inf")))
+    if logw is not None:
+        return values + logw  # logw is -inf outside the mask
+    return torch.where(mask, values, torch.full_like(values, float("-inf")))
 
 
-def _online_update(m: Tensor, s: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Streaming log-sum-exp: fold the ``(R, C)`` tile ``x`` into running max ``m`` and sum ``s`` (``(R,)``)."""
-    m_new = torch.maximum(m, x.amax(dim=1))
+def _online_update(m: Tensor, s: Tensor, x_max: Tensor, x_sum_fn: Any) -> tuple[Tensor, Tensor]:
+    """Streaming log-sum-exp: fold a tile with row maxima ``x_max`` into running max ``m`` and sum ``s`` (``(R,)``).
+
+    ``x_sum_fn(shift)`` returns the tile's ``sum exp(x - shift)`` per row.
+    """
+    m_new = torch.maximum(m, x_max)
     shift = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-    s = s * torch.exp(m - shift) + torch.exp(x - shift[:, None]).sum(dim=1)
-    return m_new, s
+    return m_new, s * torch.exp(m - shift) + x_sum_fn(shift)
 
 
 def _online_result(m: Tensor, s: Tensor) -> Tensor:
@@ -307,22 +325,18 @@ def _online_result(m: Tensor, s: Tensor) -> Tensor:
     return torch.where(s > 0, shift + torch.log(s.clamp_min(tiny)), torch.full_like(s, float("-inf")))
 
 
-def _row_levels(plan: _Plan, rows_mask: list[Tensor], r0: int, r1: int) -> list[bool]:
-    return [bool(mask[r0:r1].any()) for mask in rows_mask]
-
-
 class _FusedInfoNCE(torch.autograd.Function):
-    """Per-level mean anchor losses ``(L,)`` and ``O(N)`` statistics; backward recomputes tiles."""
+    """Per-level mean anchor losses ``(L,)`` plus non-differentiable statistics; backward recomputes tiles."""
 
     @staticmethod
-    def forward(ctx: Any, z: Tensor, bank_z: Tensor | None, plan: _Plan) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, z: Tensor, bank_z: Tensor | None, plan: _Plan) -> tuple[Tensor, ...]:
         """Forward pass; see :func:`multilevel_info_nce_fused`."""
         with torch.autocast(device_type=z.device.type, enabled=False):
             return _forward(ctx, z, bank_z, plan)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_losses: Tensor, *unused: Any) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_losses: Tensor, *unused: Any) -> tuple[Tensor | None, Tensor | None, None]:
         """Recompute the tiles and accumulate ``dL/dz`` (and ``dL/dbank`` when the bank needs it)."""
         with torch.autocast(device_type=grad_losses.device.type, enabled=False):
             return _backward(ctx, grad_losses)
@@ -330,74 +344,70 @@ class _FusedInfoNCE(torch.autograd.Function):
 
 def _forward(ctx: Any, z: Tensor, bank_z: Tensor | None, plan: _Plan) -> tuple[Tensor, ...]:
     n, n_levels = plan.n, len(plan.levels)
-    tau = plan.temperature
-    dt = z.dtype
-    neg_inf = float("-inf")
-    lse = [z.new_full((n,), neg_inf) for _ in range(n_levels)]  # L (pos_neg) or T (all)
-    coef = [z.new_zeros(n) for _ in range(n_levels)]  # A_i (pos_neg); 1 (all)
-    n_pos = [torch.zeros(n, dtype=torch.long, device=z.device) for _ in range(n_levels)]
-    n_neg = [torch.zeros(n, dtype=torch.long, device=z.device) for _ in range(n_levels)]
+    tau, dt, dev = plan.temperature, z.dtype, z.device
+    all_denominator = plan.denominator == "all"
+    lse = [z.new_full((n,), float("-inf")) for _ in range(n_levels)]  # L (pos_neg) or T (all)
+    coef = [z.new_zeros(n) for _ in range(n_levels)]  # A_i (pos_neg); unused (all)
+    n_pos = [torch.zeros(n, dtype=torch.long, device=dev) for _ in range(n_levels)]
+    n_neg = [torch.zeros(n, dtype=torch.long, device=dev) for _ in range(n_levels)]
     per_anchor = [z.new_zeros(n) for _ in range(n_levels)]
     pos_cos = [z.new_zeros(n) for _ in range(n_levels)]
     neg_cos = [z.new_zeros(n) for _ in range(n_levels)]
-    all_denominator = plan.denominator == "all"
 
-    for r0 in range(0, n, plan.block_rows):
-        r1 = min(n, r0 + plan.block_rows)
-        row_levels = _row_levels(plan, plan.anchors, r0, r1)
-        if not any(row_levels):
-            continue
-        rr = r1 - r0
-        m = [z.new_full((rr,), neg_inf) for _ in range(n_levels)]
-        s = [z.new_zeros(rr) for _ in range(n_levels)]
-        pos_logit_sum = [z.new_zeros(rr) for _ in range(n_levels)]
-        cached: list[_Tile] = []
-        single_batch_tile = n <= plan.block_cols
-        for tile in plan.tiles(z, bank_z, r0, r1, row_levels):
+    for group in plan.groups(plan.anchors):
+        rows, r = group.rows, group.rows.shape[0]
+        m = {li: z.new_full((r,), float("-inf")) for li in group.levels}
+        s = {li: z.new_zeros(r) for li in group.levels}
+        cnt_neg = {li: torch.zeros(r, dtype=torch.long, device=dev) for li in group.levels}
+        sum_neg = {li: z.new_zeros(r) for li in group.levels}
+        pairs: dict[int, list[tuple[Tensor, Tensor]]] = {li: [] for li in group.levels}  # (row, logit)
+        pair_cos: dict[int, list[Tensor]] = {li: [] for li in group.levels}
+        for tile in plan.tiles(z, bank_z, group):
             logits = tile.cos / tau
-            for li in range(n_levels):
-                p, q = tile.pos[li], tile.neg[li]
-                if q is not None:
-                    n_neg[li][r0:r1] += q.sum(dim=1)
-                    neg_cos[li][r0:r1] += torch.where(q, tile.cos, torch.zeros_like(tile.cos)).sum(dim=1)
-                    m[li], s[li] = _online_update(m[li], s[li], _masked(logits, q, tile.logw[li]))
-                if p is not None:
-                    n_pos[li][r0:r1] += p.sum(dim=1)
-                    pos_cos[li][r0:r1] += torch.where(p, tile.cos, torch.zeros_like(tile.cos)).sum(dim=1)
-                    if all_denominator:
-                        pos_logit_sum[li] += torch.where(p, logits, torch.zeros_like(logits)).sum(dim=1)
-                        m[li], s[li] = _online_update(m[li], s[li], _masked(logits, p, None))
-            if tile.kind == "batch" and single_batch_tile and not all_denominator:
-                cached.append(tile)
-        for li in range(n_levels):
-            lse[li][r0:r1] = _online_result(m[li], s[li])
-        npos = [c[r0:r1].clamp_min(1).to(dt) for c in n_pos]
-        if all_denominator:
-            for li in range(n_levels):
-                per_anchor[li][r0:r1] = lse[li][r0:r1] - pos_logit_sum[li] / npos[li]
-                coef[li][r0:r1] = 1.0
-            continue
-        # pos_neg: a second pass over the batch columns (positives are never in the bank).
-        tiles = cached if cached else plan.tiles(z, bank_z, r0, r1, row_levels, batch_only=True)
-        for tile in tiles:
-            logits = tile.cos / tau
-            for li in range(n_levels):
-                p = tile.pos[li]
-                if p is None:
-                    continue
-                big_l = lse[li][r0:r1, None]
-                per_pair = torch.logaddexp(logits, big_l.expand_as(logits)) - logits
-                zero = torch.zeros_like(logits)
-                per_anchor[li][r0:r1] += torch.where(p, per_pair, zero).sum(dim=1)
-                coef[li][r0:r1] += torch.where(p, torch.sigmoid(big_l - logits), zero).sum(dim=1)
-        for li in range(n_levels):
-            per_anchor[li][r0:r1] /= npos[li]
-            coef[li][r0:r1] /= npos[li]
+            zero = torch.zeros_like(logits)
+            for li, q in tile.neg.items():
+                cnt_neg[li] += q.sum(dim=1)
+                sum_neg[li] += torch.where(q, tile.cos, zero).sum(dim=1)
+                x = _masked(logits, q, tile.logw[li])
+                m[li], s[li] = _online_update(
+                    m[li], s[li], x.amax(dim=1), lambda sh, x=x: torch.exp(x - sh[:, None]).sum(1)
+                )
+            for li, (ri, cj) in tile.pos.items():
+                pairs[li].append((ri, logits[ri, cj]))
+                pair_cos[li].append(tile.cos[ri, cj])
+        for li in group.levels:
+            ri = torch.cat([p[0] for p in pairs[li]]) if pairs[li] else torch.zeros(0, dtype=torch.long, device=dev)
+            sp = torch.cat([p[1] for p in pairs[li]]) if pairs[li] else z.new_zeros(0)
+            cp = torch.cat(pair_cos[li]) if pair_cos[li] else z.new_zeros(0)
+            cnt_pos = torch.bincount(ri, minlength=r)
+            npos = cnt_pos.clamp_min(1).to(dt)
+            big_l = _online_result(m[li], s[li])  # (R,) negative log-sum-exp
+            if all_denominator:
+                # T = logaddexp(L, log sum_p e^{s_p}): fold the positive pairs into the running (m, s).
+                pmax = z.new_full((r,), float("-inf")).scatter_reduce(0, ri, sp, "amax")
+                m_all, s_all = _online_update(
+                    m[li],
+                    s[li],
+                    pmax,
+                    lambda sh, ri=ri, sp=sp: torch.zeros_like(sh).index_add(0, ri, torch.exp(sp - sh[ri])),
+                )
+                big_t = _online_result(m_all, s_all)
+                per_anchor[li][rows] = big_t - z.new_zeros(r).index_add(0, ri, sp) / npos
+                lse[li][rows] = big_t
+            else:
+                lp = big_l[ri]
+                per_anchor[li][rows] = z.new_zeros(r).index_add(0, ri, torch.logaddexp(sp, lp) - sp) / npos
+                coef[li][rows] = z.new_zeros(r).index_add(0, ri, torch.sigmoid(lp - sp)) / npos
+                lse[li][rows] = big_l
+            n_pos[li][rows] = cnt_pos
+            n_neg[li][rows] = cnt_neg[li]
+            pos_cos[li][rows] = z.new_zeros(r).index_add(0, ri, cp)
+            neg_cos[li][rows] = sum_neg[li]
 
-    level_losses = []
+    level_losses: list[Tensor] = []
     valid_list: list[Tensor] = []
     n_valid_list: list[Tensor] = []
-    stats_rows: list[Tensor] = []
+    sim_rows: list[Tensor] = []
     count_rows: list[Tensor] = []
     for li in range(n_levels):
         valid = plan.anchors[li] & (n_pos[li] > 0) & (n_neg[li] > 0)
@@ -412,97 +422,71 @@ def _forward(ctx: Any, z: Tensor, bank_z: Tensor | None, plan: _Plan) -> tuple[T
         sn = torch.where(valid, neg_cos[li], torch.zeros_like(neg_cos[li])).sum()
         zero = z.new_zeros(())
         count_rows.append(torch.stack([n_valid, (plan.anchors[li] & ~valid).sum()]))
-        stats_rows.append(
+        sim_rows.append(
             torch.stack(
-                [torch.where(vp > 0, sp / vp.clamp_min(1).to(dt), zero), torch.where(vn > 0, sn / vn.clamp_min(1).to(dt), zero)]
+                [torch.where(vp > 0, sp / vp.clamp_min(1), zero), torch.where(vn > 0, sn / vn.clamp_min(1), zero)]
             )
         )
-    losses = torch.stack(level_losses) if level_losses else z.new_zeros(0)
-    sims = torch.stack(stats_rows)  # (L, 2) float: pos_sim, neg_sim
+    losses = torch.stack(level_losses)
+    sims = torch.stack(sim_rows)  # (L, 2) float: pos_sim, neg_sim
     counts = torch.stack(count_rows)  # (L, 2) int64: anchors, skipped
+    valid_rows = torch.stack(valid_list)  # (L, N) bool
     ctx.plan = plan
     ctx.has_bank = bank_z is not None
-    saved = [z, *lse, *coef, *n_pos, *valid_list, torch.stack(n_valid_list)]
+    saved = [z, torch.stack(lse), torch.stack(coef), torch.stack(n_pos), valid_rows, torch.stack(n_valid_list)]
     if bank_z is not None:
         saved.append(bank_z)
     ctx.save_for_backward(*saved)
-    valid_rows = torch.stack(valid_list) if valid_list else torch.zeros(0, n, dtype=torch.bool, device=z.device)
     ctx.mark_non_differentiable(sims, counts, valid_rows)
     return losses, sims, counts, valid_rows
 
 
 def _backward(ctx: Any, grad_losses: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
     plan: _Plan = ctx.plan
-    n_levels = len(plan.levels)
-    saved = ctx.saved_tensors
-    z = saved[0]
-    lse = saved[1 : 1 + n_levels]
-    coef = saved[1 + n_levels : 1 + 2 * n_levels]
-    n_pos = saved[1 + 2 * n_levels : 1 + 3 * n_levels]
-    valid = saved[1 + 3 * n_levels : 1 + 4 * n_levels]
-    n_valid = saved[1 + 4 * n_levels]
-    bank_z = saved[2 + 4 * n_levels] if ctx.has_bank else None
+    z, lse, coef, n_pos, valid, n_valid, *rest = ctx.saved_tensors
+    bank_z = rest[0] if ctx.has_bank else None
     tau, dt = plan.temperature, z.dtype
     all_denominator = plan.denominator == "all"
-
     grad_z = torch.zeros_like(z)
     grad_bank = torch.zeros_like(bank_z) if bank_z is not None and ctx.needs_input_grad[1] else None
-    # c_i = dLoss/dlevel_loss * valid_i / n_valid
-    scale = grad_losses.to(dt) / n_valid.clamp_min(1).to(dt)  # (L,)
-    inv_pos = [1.0 / c.clamp_min(1).to(dt) for c in n_pos]
-    # Rows of the backward are the valid anchors only.
-    plan_rows = plan.anchors
-    plan.anchors = list(valid)
-    try:
-        for r0 in range(0, plan.n, plan.block_rows):
-            r1 = min(plan.n, r0 + plan.block_rows)
-            row_levels = _row_levels(plan, plan.anchors, r0, r1)
-            if not any(row_levels):
-                continue
-            zr = z[r0:r1]
-            grad_r = torch.zeros_like(zr)
-            for tile in plan.tiles(z, bank_z, r0, r1, row_levels):
-                logits = tile.cos / tau
-                zero = torch.zeros_like(logits)
-                d_s = torch.zeros_like(logits)
-                for li in range(n_levels):
-                    if not row_levels[li]:
-                        continue
-                    p, q = tile.pos[li], tile.neg[li]
-                    if p is None and q is None:
-                        continue
-                    big_l = lse[li][r0:r1, None]
-                    shift = torch.where(torch.isfinite(big_l), big_l, torch.zeros_like(big_l))
-                    c = scale[li] * valid[li][r0:r1].to(dt)[:, None]  # (R, 1)
-                    term = zero
-                    if q is not None:
-                        e = torch.exp(_masked(logits, q, tile.logw[li]) - shift)
-                        term = term + (e if all_denominator else coef[li][r0:r1, None] * e)
-                    if p is not None:
-                        ip = inv_pos[li][r0:r1, None]
-                        if all_denominator:
-                            e = torch.exp(_masked(logits, p, None) - shift)
-                            term = term + e - torch.where(p, ip.expand_as(logits), zero)
-                        else:
-                            term = term - torch.where(p, ip * torch.sigmoid(big_l - logits), zero)
-                    d_s = d_s + c * term
-                d_s = d_s / tau  # d loss / d cos
-                if tile.kind == "batch":
-                    zc = z[tile.c0 : tile.c1]
-                    grad_r += d_s @ zc
-                    grad_z[tile.c0 : tile.c1] += d_s.T @ zr
-                elif tile.kind == "bank" and bank_z is not None:
-                    grad_r += d_s @ bank_z[tile.c0 : tile.c1]
-                    if grad_bank is not None:
-                        grad_bank[tile.c0 : tile.c1] += d_s.T @ zr
-                elif bank_z is not None and tile.safe is not None:
-                    grad_r += torch.einsum("rc,rcd->rd", d_s, bank_z[tile.safe])
-                    if grad_bank is not None:
-                        contrib = d_s[:, :, None] * zr[:, None, :]  # (R, C, D)
-                        grad_bank.index_add_(0, tile.safe.reshape(-1), contrib.reshape(-1, z.shape[1]))
-            grad_z[r0:r1] += grad_r
-    finally:
-        plan.anchors = plan_rows
+    scale = grad_losses.to(dt) / n_valid.clamp_min(1).to(dt)  # (L,) dLoss/dl_i of a valid anchor
+    inv_pos = 1.0 / n_pos.clamp_min(1).to(dt)  # (L, N)
+    lse_shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # (L, N)
+
+    # Only valid anchors have a gradient: they are the rows of the backward.
+    for group in plan.groups(list(valid.unbind(0))):
+        rows = group.rows
+        zr = z[rows]
+        grad_r = torch.zeros_like(zr)
+        for tile in plan.tiles(z, bank_z, group):
+            logits = tile.cos / tau
+            d_s = torch.zeros_like(logits)  # d loss / d logits
+            for li, q in tile.neg.items():
+                e = torch.exp(_masked(logits, q, tile.logw[li]) - lse_shift[li, rows][:, None])
+                factor = scale[li] if all_denominator else scale[li] * coef[li, rows][:, None]
+                d_s += factor * e
+            for li, (ri, cj) in tile.pos.items():
+                sp = logits[ri, cj]
+                rr = rows[ri]
+                if all_denominator:
+                    g = scale[li] * (torch.exp(sp - lse_shift[li, rr]) - inv_pos[li, rr])
+                else:
+                    g = -scale[li] * inv_pos[li, rr] * torch.sigmoid(lse[li, rr] - sp)
+                d_s.index_put_((ri, cj), g, accumulate=True)
+            d_s = d_s / tau  # d loss / d cos
+            if tile.kind == "batch":
+                grad_r += d_s @ z[tile.c0 : tile.c1]
+                grad_z[tile.c0 : tile.c1] += d_s.T @ zr
+            elif tile.kind == "bank" and bank_z is not None:
+                grad_r += d_s @ bank_z[tile.c0 : tile.c1]
+                if grad_bank is not None:
+                    grad_bank[tile.c0 : tile.c1] += d_s.T @ zr
+            elif bank_z is not None and tile.safe is not None:
+                grad_r += torch.einsum("rc,rcd->rd", d_s, bank_z[tile.safe])
+                if grad_bank is not None:
+                    contrib = d_s[:, :, None] * zr[:, None, :]  # (R, C, D)
+                    grad_bank.index_add_(0, tile.safe.reshape(-1), contrib.reshape(-1, z.shape[1]))
+        grad_z.index_add_(0, rows, grad_r)
     return grad_z, grad_bank, None
 
 
@@ -519,7 +503,7 @@ def multilevel_info_nce_fused(
     block_rows: int | None = None,
     block_cols: int | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
-    """Tiled multi-level InfoNCE; same values, gradients and statistics as the reference path.
+    r"""Tiled multi-level InfoNCE; same values, gradients and statistics as the reference path.
 
     Called by :func:`mlcl_losses.functional.multilevel_info_nce` after validation.
 
@@ -527,7 +511,7 @@ def multilevel_info_nce_fused(
         z: ``(N, D)`` L2-normalised embeddings, float32 or float64.
         tags: ``(N,)`` tags.
         levels: the levels.
-        temperature: :math:`\\tau > 0`.
+        temperature: :math:`\tau > 0`.
         denominator: ``"pos_neg"`` or ``"all"``.
         bank_z: ``(M, D)`` normalised bank embeddings (dtype of ``z``) or ``None``.
         bank_tags: ``(M,)`` bank tags or ``None``.
@@ -583,7 +567,8 @@ def multilevel_info_nce_fused(
             neg_sim=sims[li, 1],
             valid=valid_rows[li],
         )
-    logger.debug("fused multilevel_info_nce: N=%d, levels=%d, blocks=(%d, %d)", n, len(levels), block_rows, block_cols)
+    if not torch.compiler.is_compiling():  # a logger call would break a compiled graph
+        logger.debug(
+            "fused multilevel_info_nce: N=%d, levels=%d, blocks=(%d, %d)", n, len(levels), block_rows, block_cols
+        )
     return total, out
-
-
