@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mlcl_losses.degrade._common import gaussian_blur
+from mlcl_losses.degrade.fundus import _fov_geometry
 from mlcl_losses.synthetic import (
     CHESTXRAY14_LABELS,
     FUNDUS_LESIONS,
@@ -18,6 +21,7 @@ from mlcl_losses.synthetic import (
     render_fundus,
     view_records,
 )
+from mlcl_losses.synthetic._draw import draw_lines, splat, walk
 from mlcl_losses.synthetic.xray import LOCALISED
 from mlcl_losses.views import FourViewDataset, FourViewSampler, collate_four_views
 
@@ -245,3 +249,64 @@ def test_index_validation() -> None:
         SyntheticFundus(n=2, grade_probs=(1, 1))
     with pytest.raises(ValueError, match="normal_prob"):
         SyntheticChestXray(n=2, normal_prob=1.5)
+
+
+def _draw_lines_whole_map(
+    points: torch.Tensor,
+    widths: torch.Tensor,
+    step: float,
+    h: int,
+    w: int,
+    bins: torch.Tensor,
+    groups: torch.Tensor | None,
+    n_groups: int,
+) -> torch.Tensor:
+    """Slow, obviously correct draw_lines: splat every bin, blur each whole map, take the maximum."""
+    nb = bins.numel()
+    which = torch.argmin((widths[:, None] - bins[None, :]).abs(), dim=1)
+    maps = which * n_groups + (0 if groups is None else groups)
+    dens = splat(points, torch.full((points.shape[0],), step), h, w, maps, nb * n_groups).view(nb, n_groups, h, w)
+    out = torch.zeros(n_groups, h, w)
+    for b in range(nb):
+        sigma = float(bins[b])
+        out = torch.maximum(out, gaussian_blur(dens[b : b + 1], sigma)[0] * (sigma * math.sqrt(2 * math.pi)))
+    return out.mul_(1.4).clamp_(0, 1)
+
+
+@pytest.mark.parametrize(("h", "w"), [(32, 32), (64, 48), (256, 256)], ids=["32", "64x48", "256"])
+@pytest.mark.parametrize("seed", range(4))
+def test_draw_lines_windows_equal_whole_map_blur(h: int, w: int, seed: int) -> None:
+    """Blurring each width bin in a window around its points gives the whole-map result, bit for bit."""
+    g = torch.Generator().manual_seed(seed)
+    n = 12
+    # curves from anywhere (some start or run off the image), a few widths per curve
+    start = torch.rand(n, 2, generator=g) * torch.tensor([w * 1.2, h * 1.2]) - torch.tensor([w * 0.1, h * 0.1])
+    pts, _ = walk(g, start, 6.3 * torch.rand(n, generator=g), torch.randn(n, generator=g) * 0.02, 60, 1.2, 0.1)
+    widths = (0.3 + 2.5 * torch.rand(n, generator=g))[:, None].expand(n, 60).reshape(-1)
+    groups = torch.randint(0, 2, (n,), generator=g)[:, None].expand(n, 60).reshape(-1)
+    pts = pts.reshape(-1, 2)
+    for bins in (torch.tensor([0.55, 0.9, 1.35]), torch.tensor([0.5]), torch.tensor([0.6, 1.1, 2.5, 9.0])):
+        fast = draw_lines(pts, widths, 1.2, h, w, bins, groups, 2)
+        slow = _draw_lines_whole_map(pts, widths, 1.2, h, w, bins, groups, 2)
+        assert torch.equal(fast, slow), f"bins {bins.tolist()}: max difference {(fast - slow).abs().max():.3g}"
+    # a bin whose points all lie off the image, and no points at all
+    off = torch.tensor([[-5.0, 3.0], [w + 4.0, 2.0]])
+    bins = torch.tensor([0.55, 1.35])
+    fast = draw_lines(off, torch.tensor([0.5, 1.4]), 1.2, h, w, bins)
+    assert torch.equal(fast, _draw_lines_whole_map(off, torch.tensor([0.5, 1.4]), 1.2, h, w, bins, None, 1))
+    assert torch.equal(draw_lines(torch.zeros(0, 2), torch.zeros(0), 1.2, h, w, bins), torch.zeros(1, h, w))
+
+
+@pytest.mark.parametrize("size", [32, 64, 255, 256], ids=lambda s: f"S{s}")
+def test_fov_geometry_equals_mean_of_pixel_indices(size: int) -> None:
+    """The fast FOV centre (from row and column counts) equals the float32 mean of the FOV pixels' indices."""
+    g = torch.Generator().manual_seed(size)
+    xs = torch.arange(size, dtype=torch.float32).view(1, size)
+    ys = xs.view(size, 1)
+    for _ in range(20):
+        cx, cy = (size - 1) / 2 + 4 * torch.randn(2, generator=g)
+        radius = size * (0.25 + 0.25 * float(torch.rand(1, generator=g)))
+        fov = (xs - cx) ** 2 + (ys - cy) ** 2 <= radius**2
+        rows, cols = torch.nonzero(fov, as_tuple=True)
+        expected = (float(cols.float().mean()), float(rows.float().mean()), math.sqrt(int(fov.sum()) / math.pi))
+        assert _fov_geometry(fov) == expected

@@ -170,7 +170,7 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     """
     if sigma <= 0:
         return x
-    taps = gaussian_kernel1d(sigma, torch.device("cpu"), torch.float64).tolist()
+    taps = _taps(float(sigma))
     radius = len(taps) // 2
     h, w = x.shape[-2:]
     mode = "reflect" if radius < min(h, w) else "replicate"
@@ -185,6 +185,12 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
         if i != radius:
             y = y.add_(padded[..., i : i + h, :], alpha=tap)
     return y
+
+
+@functools.lru_cache(maxsize=256)
+def _taps(sigma: float) -> tuple[float, ...]:
+    """:func:`gaussian_kernel1d` taps as Python floats (float64), cached per ``sigma``."""
+    return tuple(gaussian_kernel1d(sigma, torch.device("cpu"), torch.float64).tolist())
 
 
 def masked_blur(x: Tensor, mask: Tensor, sigma: float) -> Tensor:

@@ -120,6 +120,12 @@ def _fov_geometry(fov: Tensor) -> tuple[float, float, float]:
     area = int(fov.sum())
     if area == 0:
         return (w - 1) / 2, (h - 1) / 2, min(h, w) / 2
+    # index sums from the row and column counts (exact integers); while they are below 2**24
+    # the float32 mean of the pixel indices is exactly this sum, divided in float32
+    sums = [int(fov.sum(dim) @ torch.arange(n, device=fov.device)) for dim, n in ((0, w), (1, h))]
+    if max(sums) < 1 << 24:
+        cx, cy = torch.tensor(sums, dtype=torch.float32).div_(area).tolist()
+        return cx, cy, math.sqrt(area / math.pi)
     ys, xs = torch.nonzero(fov, as_tuple=True)
     return float(xs.float().mean()), float(ys.float().mean()), math.sqrt(area / math.pi)
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from mlcl_losses.degrade._common import gaussian_blur
+from mlcl_losses.degrade._common import _taps, gaussian_blur
 
 
 def rand(g: torch.Generator, *shape: int) -> Tensor:
@@ -145,11 +145,41 @@ def draw_lines(
     dens = splat(points, torch.full((points.shape[0],), step), h, w, maps, nb * n_groups)
     dens = dens.view(nb, n_groups, h, w)
     out = torch.zeros(n_groups, h, w)
-    for b in range(nb):
-        sigma = float(bins[b])
-        prof = gaussian_blur(dens[b : b + 1], sigma)[0] * (sigma * math.sqrt(2 * math.pi))
-        torch.maximum(out, prof, out=out)
+    windows = _bin_windows(points, which, bins, h, w)
+    for b, (sigma, (y0, y1, x0, x1)) in enumerate(zip(bins.tolist(), windows, strict=True)):
+        if y1 <= y0:
+            continue  # no points in this bin: its profile is zero
+        prof = gaussian_blur(dens[b : b + 1, :, y0:y1, x0:x1].contiguous(), sigma)[0] * (sigma * math.sqrt(2 * math.pi))
+        out[:, y0:y1, x0:x1] = torch.maximum(out[:, y0:y1, x0:x1], prof)
     return out.mul_(1.4).clamp_(0, 1)
+
+
+def _bin_windows(points: Tensor, which: Tensor, bins: Tensor, h: int, w: int) -> list[tuple[int, int, int, int]]:
+    """Window ``(y0, y1, x0, x1)`` of each width bin that holds all its blurred mass (empty: ``y1 <= y0``).
+
+    The window is the bin's splatted pixels plus a margin of more than the blur radius, cut
+    at the image border. Blurring the window gives exactly the values of blurring the whole
+    map there: inside, the same taps read the same pixels (zeros in the margin, where the
+    whole map is zero too); the reflect padding at a cut border is the image's own.
+    """
+    nb = bins.numel()
+    idx = which.expand(2, -1)
+    xy = points.T  # (2, N)
+    lo = torch.full((2, nb), math.inf).scatter_reduce(1, idx, xy, "amin")
+    hi = torch.full((2, nb), -math.inf).scatter_reduce(1, idx, xy, "amax")
+    out = []
+    for sigma, (lx, ly), (hx, hy) in zip(bins.tolist(), lo.T.tolist(), hi.T.tolist(), strict=True):
+        radius = len(_taps(sigma)) // 2
+        if not (lx <= w - 1 and ly <= h - 1 and hx >= 0 and hy >= 0):
+            out.append((0, 0, 0, 0))  # no points of the bin on the image
+            continue
+        margin = radius + 1
+        y0, y1 = max(0, math.floor(max(ly, 0.0)) - margin), min(h, math.floor(min(hy, h - 1)) + 2 + margin)
+        x0, x1 = max(0, math.floor(max(lx, 0.0)) - margin), min(w, math.floor(min(hx, w - 1)) + 2 + margin)
+        if radius >= min(y1 - y0, x1 - x0):
+            y0, y1, x0, x1 = 0, h, 0, w  # too small for reflect padding: blur the whole map
+        out.append((y0, y1, x0, x1))
+    return out
 
 
 def pick_points(
