@@ -206,8 +206,40 @@ def test_collate_makes_sources_unique() -> None:
     for src in tags.source.unique():
         assert tags.image is not None
         assert tags.image[tags.source == src].unique().numel() == 1
-    n_sources = sum(int(item.tags.source.max()) + 1 for item in items)
+    n_sources = sum(item.tags.source.unique().numel() for item in items)
     assert tags.source.unique().numel() == n_sources
+
+
+def test_dataset_source_ids_are_dataset_wide_and_stable_across_epochs() -> None:
+    data = _dataset()
+    first = collate_four_views([data[2], data[0]]).tags
+    data.set_epoch(1)
+    again = collate_four_views([data[0], data[2]]).tags
+    # record i owns [i * 64, (i + 1) * 64): kept by the collate function, whatever the batch
+    assert set(first.source[first.image == 2].tolist()) <= set(range(2 * 64, 3 * 64))
+    lesion = first.kind == 1
+    lesion_again = again.kind == 1
+    assert set(first.source[lesion & (first.image == 0)].tolist()) == set(
+        again.source[lesion_again & (again.image == 0)].tolist()
+    )
+
+
+def test_collate_renumbers_only_when_items_share_sources() -> None:
+    data = _dataset()
+    tags = collate_four_views([data[1], data[1]]).tags
+    n = data[1].tags.source.unique().numel()
+    assert tags.source.unique().numel() == 2 * n
+
+
+def test_dataset_refuses_more_patches_than_reserved_ids() -> None:
+    records = view_records(SyntheticFundus(n=2, size=64, seed=0, grade_probs=(0, 0, 0, 0, 1)))
+    data = FourViewDataset(
+        records, FourViewSampler(patch_size=P, n_healthy=2), FundusDegradation(0.5), sources_per_image=2
+    )
+    with pytest.raises(ValueError, match="sources_per_image"):
+        data[0]
+    with pytest.raises(ValueError, match="sources_per_image"):
+        FourViewDataset(records, FourViewSampler(patch_size=P), FundusDegradation(0.5), sources_per_image=0)
 
 
 def test_dataset_seeding_by_epoch_and_index() -> None:

@@ -5,6 +5,7 @@ existing PyTorch training loop: view tags, multi-level pairs, the multi-level co
 loss, self-paced weighting and a hard-negative index.
 """
 
+from mlcl_losses.distributed import DistributedHardNegativeIndex, offset_ids_by_rank
 from mlcl_losses.functional import LevelStats, multilevel_info_nce
 from mlcl_losses.index import HardNegativeIndex, SearchResult
 from mlcl_losses.levels import Level, Select, comcl_levels, level_masks
@@ -23,6 +24,7 @@ from mlcl_losses.views import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DistributedHardNegativeIndex",
     "FourViewDataset",
     "FourViewRecord",
     "FourViewSampler",
@@ -44,5 +46,6 @@ __all__ = [
     "comcl_levels",
     "level_masks",
     "multilevel_info_nce",
+    "offset_ids_by_rank",
     "self_paced_weights",
 ]

@@ -21,6 +21,7 @@ from mlcl_losses.self_paced import SelfPacedWeighting
 from mlcl_losses.tags import ViewTags
 
 if TYPE_CHECKING:
+    from mlcl_losses.distributed import DistributedHardNegativeIndex
     from mlcl_losses.index import HardNegativeIndex
 
 __all__ = ["MultiLevelContrastiveLoss"]
@@ -31,7 +32,7 @@ Weighting = SelfPacedWeighting | Mapping[str, SelfPacedWeighting] | None
 
 
 class MultiLevelContrastiveLoss(nn.Module):
-    """The multi-level contrastive loss of CoMCL as an ``nn.Module``.
+    r"""The multi-level contrastive loss of CoMCL as an ``nn.Module``.
 
     Holds the levels and options and calls :func:`~mlcl_losses.functional.multilevel_info_nce`.
     Optionally weights negatives (or anchors) with self-paced weighting and retrieves
@@ -51,6 +52,34 @@ class MultiLevelContrastiveLoss(nn.Module):
         tau_plus: debiased negatives (Chuang et al. 2020), in ``[0, 1)``.
         beta: hardness-reweighted negatives (Robinson et al. 2021), >= 0.
         impl: ``"auto" | "fused" | "reference"``.
+        gather_distributed: under ``torch.distributed`` (DDP), all-gather the embeddings (with
+            gradients) and tags of every rank, so that negatives (and positives) span the global
+            batch, and search the index shards of all ranks (see below). Needs an initialised
+            process group at :meth:`forward`.
+        process_group: the process group to gather over (default: the default group).
+
+    Distributed training (``gather_distributed=True``):
+        Every rank computes the *whole* loss over the gathered global batch: all gathered rows are
+        anchors, so the loss value, the statistics and the self-paced state are identical on every
+        rank and equal to a single process's on the concatenated batch. Anchors restricted to the
+        local rows would save compute (``N_r x N_g`` instead of ``N_g x N_g`` similarities per rank)
+        but need global anchor counts for the means and global hardness for quantile paces and
+        anchor weights; the replicated loss needs neither, and the similarity pass is cheap next to
+        the encoder. The gather's backward sums the gradients of all ranks (each rank's loss is the
+        same :math:`L`), so each rank's embeddings receive :math:`W \cdot \partial L / \partial z`
+        (:math:`W` = world size); DDP averages the parameter gradients over the :math:`W` ranks,
+        which gives exactly :math:`\partial L / \partial \theta` of one process on the
+        concatenated batch. No rescaling is needed (the returned loss is :math:`L`, not
+        :math:`W L`). Without DDP, sum the parameter gradients over ranks and divide by :math:`W`.
+
+        ``index`` is this rank's *shard* (a :class:`~mlcl_losses.index.HardNegativeIndex`, or a
+        :class:`~mlcl_losses.distributed.DistributedHardNegativeIndex` wrapping it): every shard is
+        searched for the gathered anchors and the per-shard top-k merge into the global top-k, so
+        the bank negatives are those of one index holding all shards; ``keys`` are added to the
+        local shard only. ``stats[name].valid`` is over the gathered batch (rank 0's rows first).
+        ``source`` / ``image`` ids must be globally unique
+        (:func:`~mlcl_losses.distributed.offset_ids_by_rank`); a warning is logged once when ids
+        occur on several ranks.
 
     Shapes:
         ``forward(embeddings (N, D), tags (N,), keys (N', D) | None, key_tags (N',) | None)``
@@ -71,13 +100,27 @@ class MultiLevelContrastiveLoss(nn.Module):
         temperature: float = 0.1,
         denominator: Denominator = "pos_neg",
         weighting: Weighting = None,
-        index: HardNegativeIndex | None = None,
+        index: HardNegativeIndex | DistributedHardNegativeIndex | None = None,
         k: int = 64,
         tau_plus: float = 0.0,
         beta: float = 0.0,
         impl: Impl = "auto",
+        gather_distributed: bool = False,
+        process_group: Any = None,
     ) -> None:
         super().__init__()
+        if not isinstance(gather_distributed, bool):
+            raise TypeError(f"Expected `gather_distributed` to be a bool, but got {type(gather_distributed).__name__}")
+        from mlcl_losses.distributed import DistributedHardNegativeIndex
+
+        if isinstance(index, DistributedHardNegativeIndex):
+            if not gather_distributed:
+                raise ValueError(
+                    "A DistributedHardNegativeIndex needs gather_distributed=True; "
+                    "for a single process pass a HardNegativeIndex"
+                )
+            process_group = index.group if process_group is None else process_group
+            index = index.shard
         self.levels = validate_levels(comcl_levels() if levels is None else levels)
         names = [level.name for level in self.levels]
         if len(set(names)) != len(names):
@@ -95,7 +138,10 @@ class MultiLevelContrastiveLoss(nn.Module):
         self.beta = float(beta)
         self.impl: Impl = impl
         self.weightings = nn.ModuleDict(self._weightings_by_level(weighting, names))
-        self.index = index
+        self.index: HardNegativeIndex | None = index
+        self.gather_distributed = gather_distributed
+        self.process_group = process_group
+        self._warned_shared_ids = False
         if index is not None and hasattr(index, "capacity") and k > index.capacity:
             raise ValueError(f"Expected `k` <= index capacity ({index.capacity}), but got {k}")
 
@@ -159,6 +205,53 @@ class MultiLevelContrastiveLoss(nn.Module):
             out.append(cand)
         return out
 
+    @torch.no_grad()
+    def _search_distributed(
+        self, embeddings: Tensor, tags: ViewTags
+    ) -> tuple[tuple[Tensor, ViewTags] | None, list[Tensor | None] | None]:
+        """Bank and candidates from all ranks' shards for the gathered batch (a collective).
+
+        Every rank passes the same gathered batch, so the searches are replicated: each shard is
+        searched for all anchors, the per-shard top-k merge into the global top-k, and the unique
+        hits' embeddings are fetched from their shards into a compact bank.
+        """
+        from mlcl_losses.distributed import DistributedHardNegativeIndex
+
+        if self.index is None:
+            raise ValueError("This loss has no `index` to search")
+        sharded = DistributedHardNegativeIndex(self.index, self.process_group)
+        results, rows_per_level = [], []
+        for level in self.levels:
+            rows = level.anchors(tags).nonzero()[:, 0]
+            if not (level.bank_negatives and rows.numel() > 0):
+                continue
+            results.append(
+                sharded.search(
+                    embeddings.detach()[rows],
+                    self.k,
+                    negatives=level,
+                    exclude_source=tags.source[rows],
+                    exclude_image=None if tags.image is None else tags.image[rows],
+                    exclude_label=None if (not level.needs_label or tags.label is None) else tags.label[rows],
+                    replicated=True,
+                )
+            )
+            rows_per_level.append((level.name, rows))
+        if not results:
+            return None, None
+        bank, bank_tags, found = sharded.gather_hits(results, replicated=True)
+        if bank.shape[0] == 0:
+            return None, None
+        by_level = {name: (rows, cand) for (name, rows), cand in zip(rows_per_level, found, strict=True)}
+        candidates: list[Tensor | None] = []
+        for level in self.levels:
+            cand = torch.full((embeddings.shape[0], self.k), -1, dtype=torch.long, device=embeddings.device)
+            if level.name in by_level:
+                rows, hits = by_level[level.name]
+                cand[rows] = hits.to(cand.device)
+            candidates.append(cand)
+        return (bank.to(embeddings.device), bank_tags.to(embeddings.device)), candidates
+
     def forward(
         self,
         embeddings: Tensor,
@@ -175,12 +268,36 @@ class MultiLevelContrastiveLoss(nn.Module):
                 momentum encoder); requires ``index``.
             key_tags: ``(N',)`` tags of ``keys`` (default: ``tags``, when ``N' == N``).
 
+        With ``gather_distributed=True`` these are this rank's part of the batch (``N`` may differ
+        between ranks); the loss is over the gathered batch and ``keys`` go to the local shard.
+
         Returns:
             ``(loss, stats)`` as :func:`~mlcl_losses.functional.multilevel_info_nce`.
+
+        Raises:
+            RuntimeError: with ``gather_distributed=True`` outside an initialised process group.
         """
         negative_weights, anchor_weights = self._level_options()
-        bank = candidates = None
-        if self.index is not None and len(self.index) > 0:
+        local_tags = tags
+        if self.gather_distributed:
+            from mlcl_losses.distributed import gather_batch, ids_shared_across_ranks
+
+            gathered = gather_batch(embeddings, tags, self.process_group)
+            embeddings, tags = gathered.embeddings, gathered.tags
+            if not self._warned_shared_ids:
+                shared = ids_shared_across_ranks(tags, gathered.sizes)
+                if shared:
+                    self._warned_shared_ids = True
+                    logger.warning(
+                        "%s ids occur on several ranks: if they name different patches (images), ids are "
+                        "rank-local; make them globally unique (mlcl_losses.distributed.offset_ids_by_rank)",
+                        " and ".join(shared),
+                    )
+        bank: tuple[Tensor, ViewTags] | None = None
+        candidates: list[Tensor | None] | None = None
+        if self.gather_distributed and self.index is not None:
+            bank, candidates = self._search_distributed(embeddings, tags)
+        elif self.index is not None and len(self.index) > 0:
             candidates = self._search(embeddings, tags)
             bank = (self.index.embeddings, self.index.tags)
         loss, stats = multilevel_info_nce(
@@ -200,9 +317,10 @@ class MultiLevelContrastiveLoss(nn.Module):
         if keys is not None:
             if self.index is None:
                 raise ValueError("`keys` are enqueued into the index, but this loss has no `index`")
-            self.index.add(keys.detach(), tags if key_tags is None else key_tags)
+            self.index.add(keys.detach(), local_tags if key_tags is None else key_tags)
         return loss, stats
 
     def extra_repr(self) -> str:
         """Levels and temperature."""
-        return f"levels={[level.name for level in self.levels]}, temperature={self.temperature}"
+        extra = ", gather_distributed=True" if self.gather_distributed else ""
+        return f"levels={[level.name for level in self.levels]}, temperature={self.temperature}{extra}"

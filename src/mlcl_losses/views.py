@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mlcl_losses.degrade._common import as_batch, mix_seed, resolve_generator
-from mlcl_losses.tags import Kind, Quality, ViewTags
+from mlcl_losses.tags import MAX_SOURCE, Kind, Quality, ViewTags
 
 __all__ = [
     "FourViewDataset",
@@ -428,6 +428,9 @@ class FourViewDataset(Dataset[FourViews]):
         degradation: callable ``(image, generator=...) -> image`` used for records without a
             ``degraded`` copy.
         base_seed: base of the per-item seeds.
+        sources_per_image: source ids reserved per record: record ``i`` owns
+            ``[i * sources_per_image, (i + 1) * sources_per_image)``, so ids are unique across the
+            dataset (a record giving more lesion + healthy patches raises).
 
     Examples:
         >>> from mlcl_losses.degrade import FundusDegradation
@@ -444,7 +447,16 @@ class FourViewDataset(Dataset[FourViews]):
         sampler: FourViewSampler,
         degradation: Callable[..., Tensor] | None = None,
         base_seed: int = 0,
+        sources_per_image: int = 64,
     ) -> None:
+        if isinstance(sources_per_image, bool) or not isinstance(sources_per_image, int) or sources_per_image < 1:
+            raise ValueError(f"Expected `sources_per_image` to be an int >= 1, but got {sources_per_image!r}")
+        if len(records) * sources_per_image - 1 > MAX_SOURCE:
+            raise ValueError(
+                f"{len(records)} records x `sources_per_image`={sources_per_image} exceed the source id range "
+                f"[0, {MAX_SOURCE}]; lower `sources_per_image`"
+            )
+        self.sources_per_image = sources_per_image
         if not isinstance(sampler, FourViewSampler):
             raise TypeError(f"Expected `sampler` to be a FourViewSampler, but got {type(sampler).__name__}")
         if degradation is not None and not callable(degradation):
@@ -477,7 +489,7 @@ class FourViewDataset(Dataset[FourViews]):
         degraded = None if record.degraded is None else _load(record.degraded, "degraded")
         if degraded is None and self.degradation is None:
             raise ValueError(f"Record {index} has no `degraded` image and the dataset has no `degradation`")
-        return self.sampler(
+        out = self.sampler(
             image,
             record.boxes,
             degraded=degraded,
@@ -485,28 +497,48 @@ class FourViewDataset(Dataset[FourViews]):
             healthy_boxes=record.healthy_boxes,
             label=record.label,
             image_id=index if record.image_id is None else record.image_id,
+            source_offset=index * self.sources_per_image,
             generator=g,
         )
+        n_sources = int(out.tags.source.unique().numel())
+        if n_sources > self.sources_per_image:
+            raise ValueError(
+                f"Record {index} gives {n_sources} patches (lesion boxes + healthy patches), more than "
+                f"`sources_per_image`={self.sources_per_image}; raise it or pass fewer boxes"
+            )
+        return out
 
 
 def collate_four_views(batch: Sequence[FourViews]) -> FourViews:
-    """Concatenate the views of several images, renumbering sources to be unique in the batch.
+    """Concatenate the views of several images, with sources unique in the batch.
+
+    :class:`FourViewDataset` gives dataset-wide source ids (record ``i`` owns
+    ``[i * sources_per_image, (i + 1) * sources_per_image)``), which are kept: the same lesion
+    patch then has the same id in every batch and epoch, so a memory bank never offers an
+    anchor its own patch as a negative, and unrelated old entries are never excluded. Only
+    when items share source ids (e.g. the same item twice, or views made by a bare
+    :class:`FourViewSampler`) are they renumbered: the sources of item ``j`` are shifted past
+    those of items ``0 .. j - 1``.
 
     Args:
         batch: per-image :class:`FourViews` (from :class:`FourViewDataset`).
 
     Returns:
         :class:`FourViews` with ``views (B, C, P, P)`` float and ``tags`` of length ``B``,
-        the total number of views; the sources of item ``j`` are shifted past those of items
-        ``0 .. j - 1``.
+        the total number of views.
     """
     if len(batch) == 0:
         raise ValueError("Expected at least one item to collate, but got an empty batch")
-    views, tags = [], []
-    offset = 0
     for item in batch:
         if not isinstance(item, FourViews):
             raise TypeError(f"Expected FourViews items, but got {type(item).__name__}")
+    per_item = [item.tags.source.unique() for item in batch]
+    merged = torch.cat(per_item)
+    if merged.unique().numel() == merged.numel():  # dataset-wide ids already unique: keep them
+        return FourViews(torch.cat([item.views for item in batch]), ViewTags.cat([item.tags for item in batch]))
+    views, tags = [], []
+    offset = 0
+    for item in batch:
         t = item.tags
         local = t.source - int(t.source.min()) if len(t) else t.source
         shifted = ViewTags(t.kind, t.quality, local + offset, t.label, t.image, validate=False)
