@@ -175,6 +175,44 @@ def test_fused_equals_reference_float32_comcl(n: int, denominator: str, device: 
     assert_same(results, torch.float32)
 
 
+@pytest.mark.parametrize("denominator", ["pos_neg", "all"])
+def test_fused_equals_reference_shared_images_and_label_level(denominator: str, device: torch.device) -> None:
+    """CoMCL views whose lesion and healthy patches share images (never-negative masks inside the span tiles),
+    plus a label level (dense positives), with row and column tiles that cut the spans."""
+    gen = torch.Generator().manual_seed(7)
+    base = comcl_tags(12, device)
+    m = len(base)
+    tags = ViewTags(
+        kind=base.kind,
+        quality=base.quality,
+        source=base.source,
+        label=torch.randint(0, 3, (m,), generator=gen).to(device),
+        image=(base.source // 4).to(device),  # two lesion and two healthy sources per image
+    )
+    levels = comcl_levels() + [Level("grade", Select(kind=1), Select(quality=0), "label", Select(kind=0), 0.5)]
+    z = torch.randn(m, 16, generator=gen, dtype=torch.float64).to(device)
+    with blocks(5, 7):
+        results = run_both(z, tags, levels, temperature=0.3, denominator=denominator)
+    assert_same(results, torch.float64)
+
+
+def test_tiles_cover_only_admitted_columns() -> None:
+    """CoMCL: the batch tiles cover V1 x healthy, V2 x healthy and V4 x lesion, nothing else."""
+    n_sources = 40
+    tags = comcl_tags(n_sources, torch.device("cpu"))
+    levels = comcl_levels()
+    plan = _fused._Plan(tags, levels, 0.1, "pos_neg", None, 0, [None] * 3, [None] * 3, 16, 24)
+    z = torch.nn.functional.normalize(torch.randn(len(tags), 8), dim=1)
+    covered = 0
+    for group in plan.groups(plan.anchors):
+        for tile in plan.tiles(z, z, None, group, group.levels):
+            covered += tile.logits.numel()
+            assert all(q is None for q in tile.neg.values())  # no source shared between lesion and healthy
+    lesion, healthy = 3 * n_sources, 2 * n_sources
+    v1, v2, v4 = 2 * n_sources, n_sources, n_sources
+    assert covered == v1 * healthy + v2 * healthy + v4 * lesion
+
+
 def test_per_level_candidates_and_weights(device: torch.device) -> None:
     gen = torch.Generator().manual_seed(3)
     n, m = 40, 12

@@ -1,17 +1,30 @@
 r"""Fused (tiled) path of :func:`mlcl_losses.functional.multilevel_info_nce`.
 
 The dense reference builds one ``(N, N + C_b)`` logit matrix and two boolean masks per
-level. This path never does: it walks over **row tiles** of ``block_rows`` anchors and,
-inside each, over **column tiles** of ``block_cols`` candidates (batch, then bank, then
-mined bank candidates). Each similarity tile is computed once and shared by all levels;
-the levels' positive and negative masks are derived inside the tile from the tag vectors
-of the row tile and the column tile, and each level keeps a streaming (online)
-log-sum-exp per anchor, accumulated in float32 (float64 for float64 input).
+level. This path never does. It computes only the similarities a level can use:
+
+* **Rows** are the anchors, grouped by the set of levels they anchor and cut into row
+  tiles of at most ``block_rows``; rows that anchor no level are never visited.
+* **Batch columns** of a row tile are only those its levels' negative selectors admit
+  (a *span*: e.g. for the CoMCL lesion level, the healthy patches). Each row tile visits
+  its span in column tiles of at most ``block_cols``; a ``(R, C)`` logit tile is one
+  matmul, shared by the levels of the row tile. The never-negative masks (same source,
+  image or label) are built inside a tile only where the row tile and the span share a
+  tag value at all; otherwise the tile is unmasked.
+* **Positives** of ``relation="source"`` levels are enumerated from the tags (sort by
+  source, ``O(N log N)``): a handful per anchor, scored with one dot product each instead
+  of a scan of every tile. Positives of ``relation="label"`` levels are dense: they get
+  their own pass over the span of the positive selector.
+* Bank columns and mined candidates are visited after the batch, as tiles of their own.
+
+Each level keeps a streaming (online) log-sum-exp per anchor over its negatives,
+accumulated in float32 (float64 for float64 input); the logits are ``(z / \tau) z^T``.
 
 A custom :class:`torch.autograd.Function` saves only the normalised embeddings and
 ``O(N)`` per-level row statistics (the log-sum-exp, the positive count, a coefficient and
 the valid flag); its backward recomputes the tiles (FlashAttention style,
-https://arxiv.org/abs/2205.14135). Memory is ``O(N D + block_rows * block_cols)``.
+https://arxiv.org/abs/2205.14135). Memory is ``O(N D + P + block_rows * block_cols)``,
+with ``P`` the number of same-source positive pairs (a few per anchor).
 
 Gradients per level (for valid anchor :math:`i`, logits :math:`s`, negative log-weights
 :math:`\log w`, :math:`L_i = \log \sum_n w_{in} e^{s_{in}}`):
@@ -93,15 +106,15 @@ def supports(
 
 @dataclass
 class _Tile:
-    """One similarity tile of a row group: columns of the batch, the bank or mined candidates."""
+    """One logit tile of a row tile: columns of the batch, the bank or mined candidates."""
 
     kind: str  # "batch" | "bank" | "cand"
-    c0: int  # first column (batch/bank index; candidate slot for "cand")
-    c1: int
-    cos: Tensor  # (R, C) cosine similarities
-    neg: dict[int, Tensor]  # level -> (R, C) bool negative mask
+    logits: Tensor  # (R, C) s = cos / tau
+    cols: Tensor | slice  # batch: (C,) batch indices; bank: slice of bank rows; cand: slice of candidate slots
+    zc: Tensor | None  # (C, D) column embeddings (batch, bank); None for candidates
+    neg: dict[int, Tensor | None]  # level -> (R, C) bool negative mask, None = every column of the tile
     logw: dict[int, Tensor | None]  # level -> (R, C) log negative weight (-inf outside the mask) or None (weight 1)
-    pos: dict[int, tuple[Tensor, Tensor]]  # level -> positive pairs (row in tile (P,), column in tile (P,))
+    pos: dict[int, Tensor]  # label level -> (R, C) bool positive mask
     safe: Tensor | None = None  # (R, C) bank index of a candidate tile
 
 
@@ -111,6 +124,32 @@ class _Group:
 
     rows: Tensor  # (R,) int64 batch indices
     levels: list[int]
+
+
+@dataclass
+class _Span:
+    """Batch columns visited by row tiles of some levels, and which of them each level uses."""
+
+    cols: Tensor  # (C,) int64 batch indices, ascending
+    neg: dict[int, Tensor | None]  # level -> (C,) bool negative selector on ``cols``; None = all of them
+    pos: dict[int, Tensor | None]  # label level -> (C,) bool positive selector on ``cols``; None = all
+
+
+def _restrict(mask: Tensor, cols: Tensor) -> Tensor | None:
+    """``mask[cols]``, or ``None`` when it selects every column."""
+    sub = mask[cols]
+    return None if bool(sub.all()) else sub
+
+
+def _shares(a: Tensor | None, b: Tensor | None) -> bool:
+    """Whether two tag vectors have a value in common (so a dense equality mask is needed)."""
+    return a is not None and b is not None and a.numel() > 0 and b.numel() > 0 and bool(torch.isin(a, b).any())
+
+
+def _or(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a | b
 
 
 class _Plan:
@@ -145,6 +184,8 @@ class _Plan:
         self.possel = [level.positives(tags) for level in levels]
         self.negsel = [level.negatives(tags) for level in levels]
         self.bank_negsel = [level.negatives(bank_tags) for level in levels] if bank_tags is not None else []
+        #: Levels whose positives share the label: dense, found in tiles; the others share the source: sparse pairs.
+        self.dense = [level.relation == "label" for level in levels]
         # Distinct candidate tensors (levels may share one).
         self.cand_groups: list[tuple[Tensor, list[int]]] = []
         for li, cand in enumerate(candidates):
@@ -161,52 +202,132 @@ class _Plan:
             for li, cand in enumerate(candidates)
             if cand is None and bank_tags is not None and levels[li].bank_negatives
         }
+        self._spans: dict[tuple[tuple[int, ...], tuple[int, ...]], _Span] = {}
+        self._pairs: dict[int, tuple[Tensor, Tensor]] = {}
+        self._checks: dict[tuple[tuple[int, ...], ...], tuple[bool, bool, bool, bool]] = {}
 
-    def groups(self, row_masks: Sequence[Tensor]) -> list[_Group]:
+    def groups(self, row_masks: Sequence[Tensor | None]) -> list[_Group]:
         """Row tiles: rows sorted by the set of levels they are rows of, at most ``block_rows`` each.
 
-        Rows of no level are skipped, and a tile never mixes level sets, so no tile spends work
-        on rows a level would mask out (CoMCL: each patch is the anchor of at most one level).
+        Rows of no level are skipped (``None`` = the level has no rows here), and a tile never
+        mixes level sets, so no tile spends work on rows a level would mask out (CoMCL: each patch
+        is the anchor of at most one level). A level set's rows are cut into tiles of equal size.
         One host synchronisation per call.
         """
-        if not row_masks or self.n == 0:
+        if self.n == 0 or all(mask is None for mask in row_masks):
             return []
-        signature = torch.zeros(self.n, dtype=torch.long, device=row_masks[0].device)
+        signature = torch.zeros(self.n, dtype=torch.long, device=self.tags.device)
         for li, mask in enumerate(row_masks):
-            signature |= mask.long() << li
+            if mask is not None:
+                signature |= mask.long() << li
         order = torch.argsort(signature, stable=True)
-        sig_sorted = signature[order]
-        values, counts = torch.unique_consecutive(sig_sorted, return_counts=True)
+        values, counts = torch.unique_consecutive(signature[order], return_counts=True)
         out: list[_Group] = []
         start = 0
         for value, count in zip(values.tolist(), counts.tolist(), strict=True):
             if value != 0:
                 levels = [li for li in range(len(row_masks)) if (value >> li) & 1]
-                for p0 in range(start, start + count, self.block_rows):
-                    p1 = min(start + count, p0 + self.block_rows)
-                    out.append(_Group(order[p0:p1], levels))
+                pieces = -(-count // self.block_rows)
+                bounds = [start + (count * k) // pieces for k in range(pieces + 1)]
+                out.extend(_Group(order[p0:p1], levels) for p0, p1 in zip(bounds[:-1], bounds[1:], strict=True))
             start += count
         return out
 
-    def _weight_tile(self, li: int, cos: Tensor, neg: Tensor, rows: Tensor, c0: int, c1: int) -> Tensor | None:
+    def span(self, neg_levels: tuple[int, ...], pos_levels: tuple[int, ...]) -> _Span:
+        """The batch columns that the negatives of ``neg_levels`` and positives of ``pos_levels`` may use."""
+        key = (neg_levels, pos_levels)
+        if key not in self._spans:
+            union = torch.zeros(self.n, dtype=torch.bool, device=self.tags.device)
+            for li in neg_levels:
+                union |= self.negsel[li]
+            for li in pos_levels:
+                union |= self.possel[li]
+            cols = union.nonzero()[:, 0]
+            self._spans[key] = _Span(
+                cols,
+                {li: _restrict(self.negsel[li], cols) for li in neg_levels},
+                {li: _restrict(self.possel[li], cols) for li in pos_levels},
+            )
+        return self._spans[key]
+
+    def checks(
+        self, levels: Sequence[int], neg_levels: tuple[int, ...], pos_levels: tuple[int, ...]
+    ) -> tuple[bool, bool, bool, bool]:
+        """Which equality masks the tiles of ``levels``' rows against a span need: source, image, label, self.
+
+        A mask is needed only where some row and some column of the span share a value (or, for
+        ``self``, an index) at all. Checked once per call against the anchors of ``levels``, a
+        superset of the rows of any tile of them.
+        """
+        key = (tuple(levels), neg_levels, pos_levels)
+        if key not in self._checks:
+            tags = self.tags
+            cols = self.span(neg_levels, pos_levels).cols
+            rows_mask = torch.zeros(self.n, dtype=torch.bool, device=tags.device)
+            for li in levels:
+                rows_mask |= self.anchors[li]
+            rows = rows_mask.nonzero()[:, 0]
+
+            def shares(tag: Tensor | None) -> bool:
+                return tag is not None and _shares(tag[rows], tag[cols])
+
+            wants_label = bool(pos_levels) or any(self.levels[li].needs_label for li in neg_levels)
+            self._checks[key] = (
+                shares(tags.source),
+                shares(tags.image),
+                wants_label and shares(tags.label),
+                bool(pos_levels) and _shares(rows, cols),
+            )
+        return self._checks[key]
+
+    def pairs(self, li: int) -> tuple[Tensor, Tensor]:
+        """Positive pairs ``(anchor (P,), positive (P,))`` of a ``relation="source"`` level, from the tags.
+
+        Candidates are sorted by source; each anchor's positives are the run of its source
+        (``searchsorted``), minus the anchor itself. Sorted by anchor.
+        """
+        if li not in self._pairs:
+            source = self.tags.source
+            anchor_idx = self.anchors[li].nonzero()[:, 0]
+            pos_idx = self.possel[li].nonzero()[:, 0]
+            keys, order = torch.sort(source[pos_idx], stable=True)
+            pos_sorted = pos_idx[order]
+            anchor_keys = source[anchor_idx]
+            lo = torch.searchsorted(keys, anchor_keys, side="left")
+            count = torch.searchsorted(keys, anchor_keys, side="right") - lo
+            a = anchor_idx.repeat_interleave(count)
+            first = (torch.cumsum(count, 0) - count).repeat_interleave(count)
+            offset = torch.arange(a.shape[0], device=a.device) - first + lo.repeat_interleave(count)
+            p = pos_sorted[offset]
+            keep = a != p  # never its own positive
+            self._pairs[li] = (a[keep], p[keep])
+        return self._pairs[li]
+
+    def _weight_tile(
+        self, li: int, logits: Tensor, neg: Tensor | None, rows: Tensor, cols: Tensor | slice
+    ) -> Tensor | None:
         """``log w`` of one tile (``-inf`` outside ``neg``), or ``None`` for unit weights.
 
-        ``c0:c1`` are columns of the ``(N, N + C_b)`` weight matrix.
+        ``cols`` index the columns of the ``(N, N + C_b)`` weight matrix.
         """
         spec = self.weights[li]
         if spec is None:
             return None
+        if neg is None:
+            neg = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
         if isinstance(spec, Tensor):
-            w = spec[rows.to(spec.device), c0:c1]
+            rr = rows.to(spec.device)
+            w = spec[rr[:, None], cols.to(spec.device)[None, :]] if isinstance(cols, Tensor) else spec[rr, cols]
         else:
-            w = spec(cos.detach(), neg)
+            cos = (logits * self.temperature).detach()
+            w = spec(cos, neg)
             if not isinstance(w, Tensor) or w.shape != cos.shape:
                 got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
                 raise ValueError(
                     f"Expected the elementwise `negative_weights` of level {self.levels[li].name!r} to return "
                     f"a tile of shape {tuple(cos.shape)} (as its hardness tile), but got {got}"
                 )
-        w = w.to(device=cos.device, dtype=cos.dtype)
+        w = w.to(device=logits.device, dtype=logits.dtype)
         ok = torch.isfinite(w) & (w >= 0)
         bad = neg & ~ok
         if bool(bad.any()):
@@ -214,61 +335,97 @@ class _Plan:
         neg_inf = torch.full_like(w, float("-inf"))
         return torch.where(neg & (w > 0), torch.log(torch.where(ok, w, torch.ones_like(w))), neg_inf)
 
-    def tiles(self, z: Tensor, bank_z: Tensor | None, group: _Group) -> Iterator[_Tile]:
-        """Yield the similarity tiles of a row group with its levels' masks.
+    def tiles(
+        self,
+        zs: Tensor,
+        z: Tensor,
+        bank_z: Tensor | None,
+        group: _Group,
+        neg_levels: Sequence[int],
+        pos_levels: Sequence[int] = (),
+        cache: dict[Any, Tensor] | None = None,
+    ) -> Iterator[_Tile]:
+        """Yield the logit tiles of a row tile with its levels' masks.
 
         Args:
-            z: ``(N, D)`` normalised embeddings.
+            zs: ``(N, D)`` normalised embeddings divided by the temperature (the rows).
+            z: ``(N, D)`` normalised embeddings (the columns).
             bank_z: ``(M, D)`` normalised bank or ``None``.
-            group: the row tile and its levels.
+            group: the row tile.
+            neg_levels: levels of ``group`` whose negatives are needed (batch, bank, candidates).
+            pos_levels: label levels of ``group`` whose (dense) positives are needed (batch only).
+            cache: the pass's gathered span embeddings, reused by the row tiles of one span.
         """
-        levels, n, bc = self.levels, self.n, self.block_cols
+        levels, tags, bc = self.levels, self.tags, self.block_cols
         rows = group.rows
-        zr = z[rows]  # (R, D)
-        tr = self.tags[rows]
-        for c0 in range(0, n, bc):
-            c1 = min(n, c0 + bc)
-            cos = zr @ z[c0:c1].T  # (R, C)
-            tc = self.tags[c0:c1]
-            same_source = tr.source[:, None] == tc.source[None, :]
-            forbid = same_source
-            if tr.image is not None and tc.image is not None:
-                forbid = forbid | (tr.image[:, None] == tc.image[None, :])
-            same_label = None if tr.label is None or tc.label is None else tr.label[:, None] == tc.label[None, :]
-            pos: dict[int, tuple[Tensor, Tensor]] = {}
-            neg: dict[int, Tensor] = {}
-            logw: dict[int, Tensor | None] = {}
-            for li in group.levels:
-                level = levels[li]
-                related = same_source if level.relation == "source" else same_label
-                if related is not None:
-                    ri, cj = (related & self.possel[li][c0:c1][None, :]).nonzero(as_tuple=True)
-                    keep = rows[ri] != cj + c0  # never its own positive
-                    pos[li] = (ri[keep], cj[keep])
-                if level.in_batch_negatives:
-                    f = forbid | same_label if level.needs_label and same_label is not None else forbid
-                    q = self.negsel[li][c0:c1][None, :] & ~f  # the diagonal shares the source: excluded
+        r = rows.shape[0]
+        zr = zs[rows]  # (R, D)
+        batch_neg = tuple(li for li in neg_levels if levels[li].in_batch_negatives)
+        span = self.span(batch_neg, tuple(pos_levels))
+        cols_all = span.cols
+        if cols_all.numel():
+            check_src, check_img, check_lbl, check_self = self.checks(group.levels, batch_neg, tuple(pos_levels))
+            src_r, src_c = tags.source[rows], tags.source[cols_all]
+            img_r = None if tags.image is None else tags.image[rows]
+            lbl_r = None if tags.label is None else tags.label[rows]
+            key = (batch_neg, tuple(pos_levels))
+            if cache is None or key not in cache:
+                zc_all = z[cols_all]  # (C, D)
+                if cache is not None:
+                    cache[key] = zc_all
+            else:
+                zc_all = cache[key]
+            for c0 in range(0, cols_all.shape[0], bc):
+                c1 = min(cols_all.shape[0], c0 + bc)
+                cols = cols_all[c0:c1]
+                zc = zc_all[c0:c1]
+                logits = zr @ zc.T  # (R, C)
+                forbid = src_r[:, None] == src_c[None, c0:c1] if check_src else None
+                if check_img and img_r is not None and tags.image is not None:
+                    forbid = _or(forbid, img_r[:, None] == tags.image[cols][None, :])
+                same_label = None
+                if check_lbl and lbl_r is not None and tags.label is not None:
+                    same_label = lbl_r[:, None] == tags.label[cols][None, :]
+                neg: dict[int, Tensor | None] = {}
+                logw: dict[int, Tensor | None] = {}
+                for li in batch_neg:
+                    f = _or(forbid, same_label) if levels[li].needs_label else forbid
+                    sel = span.neg[li]
+                    q = None if sel is None else sel[c0:c1][None, :].expand(r, c1 - c0)
+                    if f is not None:
+                        q = ~f if q is None else q & ~f  # the diagonal shares the source: excluded
                     neg[li] = q
-                    logw[li] = self._weight_tile(li, cos, q, rows, c0, c1)
-            yield _Tile("batch", c0, c1, cos, neg, logw, pos)
+                    logw[li] = self._weight_tile(li, logits, q, rows, cols)
+                pos: dict[int, Tensor] = {}
+                if same_label is not None:
+                    for li in pos_levels:
+                        sel = span.pos[li]
+                        p = same_label if sel is None else same_label & sel[c0:c1][None, :]
+                        if check_self:
+                            p = p & (rows[:, None] != cols[None, :])  # never its own positive
+                        pos[li] = p
+                yield _Tile("batch", logits, cols, zc, neg, logw, pos)
         if bank_z is None or self.bank_tags is None:
             return
 
-        bank_levels = [li for li in group.levels if li in self.full_bank_levels]
+        tr = tags[rows]
+        bank_levels = [li for li in neg_levels if li in self.full_bank_levels]
         if bank_levels:
+            n = self.n
             for c0 in range(0, self.bank_size, bc):
                 c1 = min(self.bank_size, c0 + bc)
-                cos = zr @ bank_z[c0:c1].T  # (R, C)
+                zc = bank_z[c0:c1]
+                logits = zr @ zc.T  # (R, C)
                 tc = self.bank_tags[c0:c1]
                 neg, logw = {}, {}
                 for li in bank_levels:
                     q = self.bank_negsel[li][c0:c1][None, :] & ~_forbid(tr, tc, levels[li])
                     neg[li] = q
-                    logw[li] = self._weight_tile(li, cos, q, rows, n + c0, n + c1)
-                yield _Tile("bank", c0, c1, cos, neg, logw, {})
+                    logw[li] = self._weight_tile(li, logits, q, rows, slice(n + c0, n + c1))
+                yield _Tile("bank", logits, slice(c0, c1), zc, neg, logw, {})
 
         for cand, members in self.cand_groups:
-            cand_levels = [li for li in members if li in group.levels and levels[li].bank_negatives]
+            cand_levels = [li for li in members if li in neg_levels and levels[li].bank_negatives]
             if not cand_levels:
                 continue
             k = cand.shape[1]
@@ -278,14 +435,14 @@ class _Plan:
                 idx = cand_rows[:, c0:c1].to(z.device)  # (R, C)
                 valid = idx >= 0
                 safe = idx.clamp_min(0).long()
-                cos = torch.einsum("rd,rcd->rc", zr, bank_z[safe])  # (R, C)
+                logits = torch.einsum("rd,rcd->rc", zr, bank_z[safe])  # (R, C)
                 tc = self.bank_tags[safe]  # (R, C) tags
                 neg, logw = {}, {}
                 for li in cand_levels:
                     q = levels[li].negatives(tc) & valid & ~_forbid(tr, tc, levels[li])
                     neg[li] = q
-                    logw[li] = self._weight_tile(li, cos, q, rows, n + c0, n + c1)
-                yield _Tile("cand", c0, c1, cos, neg, logw, {}, safe)
+                    logw[li] = self._weight_tile(li, logits, q, rows, slice(self.n + c0, self.n + c1))
+                yield _Tile("cand", logits, slice(c0, c1), None, neg, logw, {}, safe)
 
 
 def _forbid(tr: ViewTags, tc: ViewTags, level: Level) -> Tensor:
@@ -302,27 +459,43 @@ def _forbid(tr: ViewTags, tc: ViewTags, level: Level) -> Tensor:
     return forbid
 
 
-def _masked(values: Tensor, mask: Tensor, logw: Tensor | None) -> Tensor:
-    """``values + log w`` where ``mask``, ``-inf`` elsewhere."""
+def _masked(logits: Tensor, mask: Tensor | None, logw: Tensor | None, copy: bool) -> Tensor:
+    """``logits + log w`` where ``mask``, ``-inf`` elsewhere; the logits themselves (no copy) if unmasked."""
     if logw is not None:
-        return values + logw  # logw is -inf outside the mask
-    return torch.where(mask, values, torch.full_like(values, float("-inf")))
+        return logits + logw  # logw is -inf outside the mask
+    if mask is None:
+        return logits.clone() if copy else logits
+    return logits.masked_fill(~mask, float("-inf"))
 
 
-def _online_update(m: Tensor, s: Tensor, x_max: Tensor, x_sum_fn: Any) -> tuple[Tensor, Tensor]:
-    """Streaming log-sum-exp: fold a tile with row maxima ``x_max`` into running max ``m`` and sum ``s`` (``(R,)``).
+def _shift(m: Tensor) -> Tensor:
+    """A running maximum as a finite shift (0 where no term was seen)."""
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
-    ``x_sum_fn(shift)`` returns the tile's ``sum exp(x - shift)`` per row.
-    """
-    m_new = torch.maximum(m, x_max)
-    shift = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-    return m_new, s * torch.exp(m - shift) + x_sum_fn(shift)
+
+def _fold(m: Tensor, s: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Streaming log-sum-exp: fold the rows of tile ``x`` ``(R, C)`` (overwritten) into running max and sum ``(R,)``."""
+    m_new = torch.maximum(m, x.amax(dim=1))
+    shift = _shift(m_new)
+    return m_new, s * torch.exp(m - shift) + x.sub_(shift[:, None]).exp_().sum(dim=1)
+
+
+def _merge(m1: Tensor, s1: Tensor, m2: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge two running (max, sum) pairs of a streaming log-sum-exp."""
+    m = torch.maximum(m1, m2)
+    shift = _shift(m)
+    return m, s1 * torch.exp(m1 - shift) + s2 * torch.exp(m2 - shift)
 
 
 def _online_result(m: Tensor, s: Tensor) -> Tensor:
-    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     tiny = torch.finfo(s.dtype).tiny
-    return torch.where(s > 0, shift + torch.log(s.clamp_min(tiny)), torch.full_like(s, float("-inf")))
+    return torch.where(s > 0, _shift(m) + torch.log(s.clamp_min(tiny)), torch.full_like(s, float("-inf")))
+
+
+def _pair_logits(zs: Tensor, z: Tensor, a: Tensor, p: Tensor, chunk: int) -> Tensor:
+    """``(P,)`` logits ``zs[a] . z[p]`` of listed pairs, in chunks of ``chunk`` pairs."""
+    parts = [(zs[a[i : i + chunk]] * z[p[i : i + chunk]]).sum(dim=1) for i in range(0, a.shape[0], chunk)]
+    return torch.cat(parts) if parts else zs.new_zeros(0)
 
 
 class _FusedInfoNCE(torch.autograd.Function):
@@ -342,89 +515,119 @@ class _FusedInfoNCE(torch.autograd.Function):
             return _backward(ctx, grad_losses)
 
 
+def _pair_chunk(plan: _Plan, d: int) -> int:
+    """Pairs scored at once: about one tile's worth of memory."""
+    return max(1, (plan.block_rows * plan.block_cols) // max(1, d))
+
+
 def _forward(ctx: Any, z: Tensor, bank_z: Tensor | None, plan: _Plan) -> tuple[Tensor, ...]:
     n, n_levels = plan.n, len(plan.levels)
     tau, dt, dev = plan.temperature, z.dtype, z.device
     all_denominator = plan.denominator == "all"
-    lse = [z.new_full((n,), float("-inf")) for _ in range(n_levels)]  # L (pos_neg) or T (all)
-    coef = [z.new_zeros(n) for _ in range(n_levels)]  # A_i (pos_neg); unused (all)
-    n_pos = [torch.zeros(n, dtype=torch.long, device=dev) for _ in range(n_levels)]
+    zs = z / tau  # (N, D): logits = zs @ z.T
+    neg_m = [z.new_full((n,), float("-inf")) for _ in range(n_levels)]  # running max of the negatives' terms
+    neg_s = [z.new_zeros(n) for _ in range(n_levels)]  # running sum
     n_neg = [torch.zeros(n, dtype=torch.long, device=dev) for _ in range(n_levels)]
-    per_anchor = [z.new_zeros(n) for _ in range(n_levels)]
-    pos_cos = [z.new_zeros(n) for _ in range(n_levels)]
-    neg_cos = [z.new_zeros(n) for _ in range(n_levels)]
+    neg_logit = [z.new_zeros(n) for _ in range(n_levels)]  # sum of the negatives' logits
 
+    # Pass 1: the negatives' log-sum-exp L_i of every level.
+    cache: dict[Any, Tensor] = {}
     for group in plan.groups(plan.anchors):
         rows, r = group.rows, group.rows.shape[0]
         m = {li: z.new_full((r,), float("-inf")) for li in group.levels}
         s = {li: z.new_zeros(r) for li in group.levels}
-        cnt_neg = {li: torch.zeros(r, dtype=torch.long, device=dev) for li in group.levels}
-        sum_neg = {li: z.new_zeros(r) for li in group.levels}
-        pairs: dict[int, list[tuple[Tensor, Tensor]]] = {li: [] for li in group.levels}  # (row, logit)
-        pair_cos: dict[int, list[Tensor]] = {li: [] for li in group.levels}
-        for tile in plan.tiles(z, bank_z, group):
-            logits = tile.cos / tau
-            zero = torch.zeros_like(logits)
+        cnt = {li: torch.zeros(r, dtype=torch.long, device=dev) for li in group.levels}
+        total = {li: z.new_zeros(r) for li in group.levels}
+        for tile in plan.tiles(zs, z, bank_z, group, group.levels, (), cache):
+            logits = tile.logits
+            shared = len(tile.neg) > 1
             for li, q in tile.neg.items():
-                cnt_neg[li] += q.sum(dim=1)
-                sum_neg[li] += torch.where(q, tile.cos, zero).sum(dim=1)
-                x = _masked(logits, q, tile.logw[li])
-                m[li], s[li] = _online_update(
-                    m[li], s[li], x.amax(dim=1), lambda sh, x=x: torch.exp(x - sh[:, None]).sum(1)
-                )
-            for li, (ri, cj) in tile.pos.items():
-                pairs[li].append((ri, logits[ri, cj]))
-                pair_cos[li].append(tile.cos[ri, cj])
+                if q is None:
+                    cnt[li] += logits.shape[1]
+                    total[li] += logits.sum(dim=1)
+                else:
+                    cnt[li] += q.sum(dim=1)
+                    total[li] += torch.where(q, logits, torch.zeros_like(logits)).sum(dim=1)
+                m[li], s[li] = _fold(m[li], s[li], _masked(logits, q, tile.logw[li], copy=shared))
         for li in group.levels:
-            ri = torch.cat([p[0] for p in pairs[li]]) if pairs[li] else torch.zeros(0, dtype=torch.long, device=dev)
-            sp = torch.cat([p[1] for p in pairs[li]]) if pairs[li] else z.new_zeros(0)
-            cp = torch.cat(pair_cos[li]) if pair_cos[li] else z.new_zeros(0)
-            cnt_pos = torch.bincount(ri, minlength=r)
-            npos = cnt_pos.clamp_min(1).to(dt)
-            big_l = _online_result(m[li], s[li])  # (R,) negative log-sum-exp
-            if all_denominator:
-                # T = logaddexp(L, log sum_p e^{s_p}): fold the positive pairs into the running (m, s).
-                pmax = z.new_full((r,), float("-inf")).scatter_reduce(0, ri, sp, "amax")
-                m_all, s_all = _online_update(
-                    m[li],
-                    s[li],
-                    pmax,
-                    lambda sh, ri=ri, sp=sp: torch.zeros_like(sh).index_add(0, ri, torch.exp(sp - sh[ri])),
-                )
-                big_t = _online_result(m_all, s_all)
-                per_anchor[li][rows] = big_t - z.new_zeros(r).index_add(0, ri, sp) / npos
-                lse[li][rows] = big_t
-            else:
-                lp = big_l[ri]
-                per_anchor[li][rows] = z.new_zeros(r).index_add(0, ri, torch.logaddexp(sp, lp) - sp) / npos
-                coef[li][rows] = z.new_zeros(r).index_add(0, ri, torch.sigmoid(lp - sp)) / npos
-                lse[li][rows] = big_l
-            n_pos[li][rows] = cnt_pos
-            n_neg[li][rows] = cnt_neg[li]
-            pos_cos[li][rows] = z.new_zeros(r).index_add(0, ri, cp)
-            neg_cos[li][rows] = sum_neg[li]
+            neg_m[li][rows], neg_s[li][rows] = m[li], s[li]
+            n_neg[li][rows], neg_logit[li][rows] = cnt[li], total[li]
+    big_l = [_online_result(neg_m[li], neg_s[li]) for li in range(n_levels)]  # (N,) each; -inf: no negative
 
+    # Pass 2: the positives, given L_i.
+    n_pos = [torch.zeros(n, dtype=torch.long, device=dev) for _ in range(n_levels)]
+    pos_logit = [z.new_zeros(n) for _ in range(n_levels)]  # sum of the positives' logits
+    term = [z.new_zeros(n) for _ in range(n_levels)]  # pos_neg: sum_p logaddexp(s_p, L) - s_p
+    coef_sum = [z.new_zeros(n) for _ in range(n_levels)]  # pos_neg: sum_p sigmoid(L - s_p)
+    pos_m = [z.new_full((n,), float("-inf")) for _ in range(n_levels)]  # all: log-sum-exp of the positives
+    pos_s = [z.new_zeros(n) for _ in range(n_levels)]
+    for li in range(n_levels):
+        if plan.dense[li]:
+            continue
+        a, p = plan.pairs(li)
+        sp = _pair_logits(zs, z, a, p, _pair_chunk(plan, z.shape[1]))  # (P,)
+        n_pos[li] = torch.bincount(a, minlength=n)
+        pos_logit[li] = z.new_zeros(n).index_add(0, a, sp)
+        if all_denominator:
+            pos_m[li] = z.new_full((n,), float("-inf")).scatter_reduce(0, a, sp, "amax")
+            pos_s[li] = z.new_zeros(n).index_add(0, a, torch.exp(sp - _shift(pos_m[li])[a]))
+        else:
+            la = big_l[li][a]
+            term[li] = z.new_zeros(n).index_add(0, a, torch.logaddexp(sp, la) - sp)
+            coef_sum[li] = z.new_zeros(n).index_add(0, a, torch.sigmoid(la - sp))
+    dense_rows = [plan.anchors[li] if plan.dense[li] else None for li in range(n_levels)]
+    for group in plan.groups(dense_rows):
+        rows = group.rows
+        for tile in plan.tiles(zs, z, None, group, (), group.levels, cache):
+            x = tile.logits
+            zero = torch.zeros_like(x)
+            for li, pm in tile.pos.items():
+                n_pos[li][rows] += pm.sum(dim=1)
+                pos_logit[li][rows] += torch.where(pm, x, zero).sum(dim=1)
+                if all_denominator:
+                    m_r, s_r = _fold(pos_m[li][rows], pos_s[li][rows], x.masked_fill(~pm, float("-inf")))
+                    pos_m[li][rows], pos_s[li][rows] = m_r, s_r
+                else:
+                    lr = big_l[li][rows][:, None]
+                    term[li][rows] += torch.where(pm, torch.logaddexp(x, lr) - x, zero).sum(dim=1)
+                    coef_sum[li][rows] += torch.where(pm, torch.sigmoid(lr - x), zero).sum(dim=1)
+
+    lse: list[Tensor] = []  # L (pos_neg) or T (all)
+    coef: list[Tensor] = []  # A_i (pos_neg); unused (all)
     level_losses: list[Tensor] = []
     valid_list: list[Tensor] = []
     n_valid_list: list[Tensor] = []
     sim_rows: list[Tensor] = []
     count_rows: list[Tensor] = []
+    zero = z.new_zeros(())
     for li in range(n_levels):
+        npos = n_pos[li].clamp_min(1).to(dt)
+        if all_denominator:
+            big_t = _online_result(*_merge(neg_m[li], neg_s[li], pos_m[li], pos_s[li]))
+            per_anchor = big_t - pos_logit[li] / npos
+            lse.append(big_t)
+            coef.append(z.new_zeros(n))
+        else:
+            per_anchor = term[li] / npos
+            lse.append(big_l[li])
+            coef.append(coef_sum[li] / npos)
         valid = plan.anchors[li] & (n_pos[li] > 0) & (n_neg[li] > 0)
         n_valid = valid.sum()
-        loss_rows = torch.where(valid, per_anchor[li], torch.zeros_like(per_anchor[li]))
+        loss_rows = torch.where(valid, per_anchor, torch.zeros_like(per_anchor))
         level_losses.append(loss_rows.sum() / n_valid.clamp_min(1).to(dt))
         valid_list.append(valid)
         n_valid_list.append(n_valid)
         vp = torch.where(valid, n_pos[li], torch.zeros_like(n_pos[li])).sum()
         vn = torch.where(valid, n_neg[li], torch.zeros_like(n_neg[li])).sum()
-        sp = torch.where(valid, pos_cos[li], torch.zeros_like(pos_cos[li])).sum()
-        sn = torch.where(valid, neg_cos[li], torch.zeros_like(neg_cos[li])).sum()
-        zero = z.new_zeros(())
+        sp_sum = torch.where(valid, pos_logit[li], torch.zeros_like(pos_logit[li])).sum() * tau  # cosines
+        sn_sum = torch.where(valid, neg_logit[li], torch.zeros_like(neg_logit[li])).sum() * tau
         count_rows.append(torch.stack([n_valid, (plan.anchors[li] & ~valid).sum()]))
         sim_rows.append(
             torch.stack(
-                [torch.where(vp > 0, sp / vp.clamp_min(1), zero), torch.where(vn > 0, sn / vn.clamp_min(1), zero)]
+                [
+                    torch.where(vp > 0, sp_sum / vp.clamp_min(1), zero),
+                    torch.where(vn > 0, sn_sum / vn.clamp_min(1), zero),
+                ]
             )
         )
     losses = torch.stack(level_losses)
@@ -447,46 +650,74 @@ def _backward(ctx: Any, grad_losses: Tensor) -> tuple[Tensor | None, Tensor | No
     bank_z = rest[0] if ctx.has_bank else None
     tau, dt = plan.temperature, z.dtype
     all_denominator = plan.denominator == "all"
+    zs = z / tau
     grad_z = torch.zeros_like(z)
     grad_bank = torch.zeros_like(bank_z) if bank_z is not None and ctx.needs_input_grad[1] else None
     scale = grad_losses.to(dt) / n_valid.clamp_min(1).to(dt)  # (L,) dLoss/dl_i of a valid anchor
     inv_pos = 1.0 / n_pos.clamp_min(1).to(dt)  # (L, N)
-    lse_shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # (L, N)
+    lse_shift = _shift(lse)  # (L, N)
+    # d loss / d logit of a negative, per row: scale (all) or scale * A_i (pos_neg); / tau makes it d / d cos.
+    neg_factor = (scale[:, None].expand_as(coef) if all_denominator else scale[:, None] * coef) / tau  # (L, N)
 
     # Only valid anchors have a gradient: they are the rows of the backward.
+    cache: dict[Any, Tensor] = {}
     for group in plan.groups(list(valid.unbind(0))):
         rows = group.rows
         zr = z[rows]
         grad_r = torch.zeros_like(zr)
-        for tile in plan.tiles(z, bank_z, group):
-            logits = tile.cos / tau
-            d_s = torch.zeros_like(logits)  # d loss / d logits
+        pos_levels = [li for li in group.levels if plan.dense[li]]
+        for tile in plan.tiles(zs, z, bank_z, group, group.levels, pos_levels, cache):
+            logits = tile.logits
+            shared = len(tile.neg) + len(tile.pos) > 1
+            d: Tensor | None = None  # d loss / d cos
             for li, q in tile.neg.items():
-                e = torch.exp(_masked(logits, q, tile.logw[li]) - lse_shift[li, rows][:, None])
-                factor = scale[li] if all_denominator else scale[li] * coef[li, rows][:, None]
-                d_s += factor * e
-            for li, (ri, cj) in tile.pos.items():
-                sp = logits[ri, cj]
-                rr = rows[ri]
+                e = _masked(logits, q, tile.logw[li], copy=shared)
+                e = e.sub_(lse_shift[li, rows][:, None]).exp_().mul_(neg_factor[li, rows][:, None])
+                d = e if d is None else d.add_(e)
+            for li, pm in tile.pos.items():
+                rs = scale[li] / tau
                 if all_denominator:
-                    g = scale[li] * (torch.exp(sp - lse_shift[li, rr]) - inv_pos[li, rr])
+                    g = rs * (torch.exp(logits - lse_shift[li, rows][:, None]) - inv_pos[li, rows][:, None])
                 else:
-                    g = -scale[li] * inv_pos[li, rr] * torch.sigmoid(lse[li, rr] - sp)
-                d_s.index_put_((ri, cj), g, accumulate=True)
-            d_s = d_s / tau  # d loss / d cos
-            if tile.kind == "batch":
-                grad_r += d_s @ z[tile.c0 : tile.c1]
-                grad_z[tile.c0 : tile.c1] += d_s.T @ zr
-            elif tile.kind == "bank" and bank_z is not None:
-                grad_r += d_s @ bank_z[tile.c0 : tile.c1]
+                    g = -rs * inv_pos[li, rows][:, None] * torch.sigmoid(lse[li, rows][:, None] - logits)
+                g = torch.where(pm, g, torch.zeros_like(g))
+                d = g if d is None else d.add_(g)
+            if d is None:
+                continue
+            if tile.kind == "batch" and tile.zc is not None and isinstance(tile.cols, Tensor):
+                grad_r += d @ tile.zc
+                grad_z.index_add_(0, tile.cols, d.T @ zr)
+            elif tile.kind == "bank" and tile.zc is not None:
+                grad_r += d @ tile.zc
                 if grad_bank is not None:
-                    grad_bank[tile.c0 : tile.c1] += d_s.T @ zr
+                    grad_bank[tile.cols] += d.T @ zr
             elif bank_z is not None and tile.safe is not None:
-                grad_r += torch.einsum("rc,rcd->rd", d_s, bank_z[tile.safe])
+                grad_r += torch.einsum("rc,rcd->rd", d, bank_z[tile.safe])
                 if grad_bank is not None:
-                    contrib = d_s[:, :, None] * zr[:, None, :]  # (R, C, D)
+                    contrib = d[:, :, None] * zr[:, None, :]  # (R, C, D)
                     grad_bank.index_add_(0, tile.safe.reshape(-1), contrib.reshape(-1, z.shape[1]))
         grad_z.index_add_(0, rows, grad_r)
+
+    # Same-source positives, pair by pair.
+    chunk = _pair_chunk(plan, z.shape[1])
+    for li in range(len(plan.levels)):
+        if plan.dense[li]:
+            continue
+        a, p = plan.pairs(li)
+        keep = valid[li][a]
+        a, p = a[keep], p[keep]
+        if a.numel() == 0:
+            continue
+        sp = _pair_logits(zs, z, a, p, chunk)
+        if all_denominator:
+            g = scale[li] * (torch.exp(sp - lse_shift[li, a]) - inv_pos[li, a])
+        else:
+            g = -scale[li] * inv_pos[li, a] * torch.sigmoid(lse[li, a] - sp)
+        g = g / tau  # d loss / d cos of each pair
+        for i in range(0, a.shape[0], chunk):
+            ai, pi, gi = a[i : i + chunk], p[i : i + chunk], g[i : i + chunk, None]
+            grad_z.index_add_(0, ai, gi * z[pi])
+            grad_z.index_add_(0, pi, gi * z[ai])
     return grad_z, grad_bank, None
 
 
