@@ -1,0 +1,138 @@
+"""Supervised fine-tuning of the (pre-trained) encoder with a linear classifier on whole images."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from examples.common.config import FinetuneConfig
+from examples.common.models import Classifier
+from examples.common.pretrain import build_optimizer
+from mlcl_losses.degrade import mix_seed
+
+__all__ = ["FinetuneState", "GradingDataset", "build_finetune", "finetune_epoch"]
+
+
+class GradingDataset(Dataset[tuple[Tensor, int, int]]):
+    """Images with a class target and a group (e.g. image quality) for fine-tuning and evaluation.
+
+    Item ``i`` is ``(image (C, S, S) float in [0, 1], target, group)``. With ``augment`` each image is
+    flipped and rotated by a multiple of 90 degrees, drawn from a generator seeded by
+    ``(seed, epoch, i)``: the same whatever the number of DataLoader workers, and the same after
+    resuming. Call :meth:`set_epoch` before each epoch.
+
+    Args:
+        load: ``i -> (C, S, S)`` float image.
+        targets: class of each image.
+        groups: group of each image.
+        augment: random flips and 90-degree rotations.
+        seed: base of the per-item seeds.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[int], Tensor],
+        targets: Sequence[int],
+        groups: Sequence[int],
+        augment: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if len(targets) != len(groups):
+            raise ValueError(f"`targets` and `groups` must have the same length, got {len(targets)} and {len(groups)}")
+        self.load, self.targets, self.groups = load, list(targets), list(groups)
+        self.augment, self.seed, self.epoch = augment, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        image = self.load(i)
+        if self.augment:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, i))
+            r = torch.rand(3, generator=g).tolist()
+            if r[0] < 0.5:
+                image = image.flip(-1)
+            if r[1] < 0.5:
+                image = image.flip(-2)
+            image = torch.rot90(image, int(r[2] * 4) % 4, dims=(-2, -1))
+        return image.contiguous(), self.targets[i], self.groups[i]
+
+
+@dataclass
+class FinetuneState:
+    """Everything fine-tuning changes (saved in checkpoints)."""
+
+    model: Classifier
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    step: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+
+
+def build_finetune(model: Classifier, cfg: FinetuneConfig, steps_per_epoch: int) -> FinetuneState:
+    """Optimiser and schedule for fine-tuning ``model``."""
+    opt, sched = build_optimizer(model.parameters(), cfg.optim, steps_per_epoch, cfg.epochs)
+    return FinetuneState(model, opt, sched)
+
+
+def finetune_epoch(
+    state: FinetuneState, loader: Any, cfg: FinetuneConfig, device: torch.device, epoch: int = 0, desc: str = "finetune"
+) -> dict[str, float]:
+    """One epoch of cross-entropy training; returns mean loss, accuracy and the last LR.
+
+    During the first ``cfg.freeze_epochs`` epochs the encoder is frozen (eval mode, no gradient).
+    """
+    state.model.train()
+    frozen = epoch < cfg.freeze_epochs
+    if frozen:
+        state.model.encoder.eval()
+    total, correct, count = 0.0, 0, 0
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    for images, target, _group in bar:
+        images, target = images.to(device, non_blocking=True), target.to(device)
+        if frozen:
+            with torch.no_grad():
+                features = state.model.encoder(images)
+            logits = state.model.fc(features)
+        else:
+            logits = state.model(images)
+        loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+        state.scheduler.step()
+        state.step += 1
+        n = int(target.numel())
+        total += float(loss.detach()) * n
+        correct += int((logits.argmax(1) == target).sum())
+        count += n
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    return {
+        "loss": total / max(1, count) if count else math.nan,
+        "accuracy": correct / max(1, count),
+        "lr": state.scheduler.get_last_lr()[0],
+    }

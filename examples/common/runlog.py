@@ -1,0 +1,87 @@
+"""Metrics of a run: a CSV of scalars, JSON files and TensorBoard."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunLogger", "jsonable", "write_json"]
+
+
+def jsonable(value: Any) -> Any:
+    """Nested structure with tensors/NumPy scalars as floats and NaN/inf as ``None`` (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write ``data`` as indented strict JSON, atomically."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+
+
+class RunLogger:
+    """Scalars to ``DIR/scalars.csv`` (``stage, epoch, step, name, value``) and to TensorBoard.
+
+    The CSV is appended to, so a resumed run continues it; rows of epochs after the checkpoint that a
+    resumed run repeats are dropped first (:meth:`truncate`).
+
+    Args:
+        out_dir: run directory.
+        tensorboard: also write TensorBoard events under ``DIR/tensorboard``.
+    """
+
+    FIELDS = ("stage", "epoch", "step", "name", "value")
+
+    def __init__(self, out_dir: str | os.PathLike[str], tensorboard: bool = True) -> None:
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.csv_path = self.dir / "scalars.csv"
+        if not self.csv_path.exists():
+            with self.csv_path.open("w", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerow(self.FIELDS)
+        self._writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
+
+    def truncate(self, keep: Any) -> None:
+        """Keep only CSV rows for which ``keep(stage, epoch)`` is true (before resuming)."""
+        with self.csv_path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        kept = [r for r in rows if keep(r["stage"], int(r["epoch"]))]
+        with self.csv_path.open("w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=self.FIELDS)
+            w.writeheader()
+            w.writerows(kept)
+
+    def scalars(self, stage: str, epoch: int, step: int, values: dict[str, float]) -> None:
+        """Log several scalars at a global ``step``."""
+        with self.csv_path.open("a", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            for name, value in values.items():
+                w.writerow((stage, epoch, step, name, f"{float(value):.6g}"))
+        if self._writer is not None:
+            for name, value in values.items():
+                self._writer.add_scalar(f"{stage}/{name}", float(value), step)
+
+    def close(self) -> None:
+        """Flush and close TensorBoard."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -1,0 +1,1 @@
+"""The EyeQ diabetic-retinopathy example pipeline."""

@@ -1,0 +1,390 @@
+"""EyeQ data for the pipeline: the built-in synthetic look-alike (default) or the real EyeQ files.
+
+Synthetic (``data.source: synthetic``): :class:`mlcl_losses.synthetic.SyntheticFundus` train and
+test sets, rendered once (in ``data.synthetic.workers`` processes) and cached as uint8 tensors under
+``data.synthetic.cache_dir``. Each training image also gets ``n_view_copies`` degraded copies
+(:class:`mlcl_losses.degrade.FundusDegradation`, severity ``pretrain.degradation_severity``, one of
+the seven combinations drawn per copy) for the low-quality views V2 / V4; epoch ``e`` uses copy
+``e % n_view_copies``. Fine-tuning and evaluation use each sample's own image, degraded according
+to its EyeQ-style quality label (Good / Usable / Reject).
+
+Real EyeQ (``data.source: eyeq``): ``Label_EyeQ_train.csv`` / ``Label_EyeQ_test.csv`` and their
+image folders (read with :mod:`examples.common.datasets`); lesion boxes from a JSON file
+(``data.eyeq.boxes_json``), or converted once from the CoMCL authors' pickle
+(``data.eyeq.boxes_pickle``, only with ``--allow-pickle``). Pre-training uses the images of the
+box file's ``boxes_split`` that are listed in the train CSV, resized to ``view_image_size`` with the
+boxes scaled alike; their degraded copies are drawn on the fly.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from examples.common import datasets as ds
+from examples.common.config import ConfigError, check
+from examples.common.finetune import GradingDataset
+from examples.common.pipeline import PipelineData
+from mlcl_losses.degrade import FundusDegradation, mix_seed
+from mlcl_losses.views import FourViewDataset, FourViewRecord, FourViewSampler
+
+__all__ = ["EyeQDataConfig", "RealEyeQConfig", "SyntheticConfig", "build_data"]
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+QUALITY_NAMES = ds.EYEQ_QUALITY_NAMES  # Good, Usable, Reject
+NUM_GRADES = ds.EYEQ_DR_GRADES
+
+
+@dataclass
+class SyntheticConfig:
+    """Synthetic fundus sets (:class:`mlcl_losses.synthetic.SyntheticFundus`)."""
+
+    n_train: int = 320
+    n_test: int = 320
+    seed: int = 1000
+    n_view_copies: int = 2
+    cache_dir: str | None = None
+    workers: int = 2
+
+    def validate(self, key: str) -> None:
+        for name in ("n_train", "n_test", "n_view_copies", "workers"):
+            check(getattr(self, name) >= 1, f"{key}.{name}", "an int >= 1", getattr(self, name))
+
+
+@dataclass
+class RealEyeQConfig:
+    """Paths of the real EyeQ files; relative paths are taken from ``root``."""
+
+    root: str | None = None
+    train_csv: str = "Label_EyeQ_train.csv"
+    test_csv: str = "Label_EyeQ_test.csv"
+    train_images: str = "train"
+    test_images: str = "test"
+    boxes_json: str | None = None
+    boxes_pickle: str | None = None
+    boxes_split: str = "train"
+    view_image_size: int = 512
+    limit_train: int | None = None
+    limit_test: int | None = None
+
+    def validate(self, key: str) -> None:
+        check(self.view_image_size >= 16, f"{key}.view_image_size", "an int >= 16", self.view_image_size)
+        for name in ("limit_train", "limit_test"):
+            v = getattr(self, name)
+            check(v is None or v >= 1, f"{key}.{name}", "null or an int >= 1", v)
+
+
+@dataclass
+class EyeQDataConfig:
+    """Where the data comes from and the classifier's input size."""
+
+    source: Literal["synthetic", "eyeq"] = "synthetic"
+    image_size: int = 96
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    eyeq: RealEyeQConfig = field(default_factory=RealEyeQConfig)
+
+    def validate(self, key: str) -> None:
+        check(self.source in ("synthetic", "eyeq"), f"{key}.source", "'synthetic' or 'eyeq'", self.source)
+        check(self.image_size >= 32, f"{key}.image_size", "an int >= 32", self.image_size)
+        self.synthetic.validate(f"{key}.synthetic")
+        self.eyeq.validate(f"{key}.eyeq")
+
+
+# --------------------------------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def cap_boxes(boxes: Tensor, max_lesions: int, seed: int, epoch: int, index: int) -> Tensor:
+    """At most ``max_lesions`` of ``boxes (K, 4)``, a random subset drawn per ``(seed, epoch, index)``."""
+    if boxes.shape[0] <= max_lesions:
+        return boxes
+    g = torch.Generator().manual_seed(mix_seed(seed, 31, epoch, index))
+    keep = torch.randperm(boxes.shape[0], generator=g)[:max_lesions].sort().values
+    return boxes[keep]
+
+
+class EpochFourViewDataset(FourViewDataset):
+    """A :class:`FourViewDataset` whose records also see the epoch (lesion subsets, degraded copies)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if hasattr(self.records, "epoch"):
+            self.records.epoch = epoch  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------------------------------
+# synthetic
+# --------------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mlcl_losses" / "eyeq"
+
+
+def _render_one(args: tuple[int, int, int, int, int, tuple[float, float]]) -> dict[str, Any]:
+    from mlcl_losses.synthetic import SyntheticFundus
+
+    torch.set_num_threads(1)
+    n, size, seed, index, copies, severity = args
+    sample = SyntheticFundus(n=n, size=size, seed=seed)[index]
+    out = {
+        "clean": (sample.clean_image * 255).round().to(torch.uint8),
+        "image": (sample.image * 255).round().to(torch.uint8),
+        "boxes": sample.boxes.clone(),
+        "grade": sample.grade,
+        "quality": sample.quality,
+    }
+    if copies:
+        degrade = FundusDegradation(severity=severity, kinds="random", fov=sample.fov[0])
+        views = []
+        for c in range(copies):
+            g = torch.Generator().manual_seed(mix_seed(seed, 77, c, index))
+            views.append((degrade(sample.clean_image, generator=g) * 255).round().to(torch.uint8))
+        out["view_degraded"] = torch.stack(views)
+    return out
+
+
+def render_synthetic(
+    n: int, size: int, seed: int, copies: int, severity: tuple[float, float], cache_dir: Path, workers: int
+) -> dict[str, Any]:
+    """Render (or read from the cache) ``n`` synthetic fundus samples as uint8 tensors."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    sev = f"{severity[0]:g}-{severity[1]:g}" if copies else "none"
+    path = cache_dir / f"fundus_v{CACHE_VERSION}_n{n}_s{size}_seed{seed}_c{copies}_sev{sev}.pt"
+    if path.exists():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as err:  # a corrupt cache file is re-rendered
+            logger.warning("re-rendering unreadable cache %s (%s)", path, err)
+    from tqdm.auto import tqdm
+
+    jobs = [(n, size, seed, i, copies, severity) for i in range(n)]
+    desc = f"rendering {n} synthetic fundus images ({size} px, cached in {cache_dir})"
+    if workers > 1:
+        ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+        with ctx.Pool(workers) as pool:
+            items = list(tqdm(pool.imap(_render_one, jobs, chunksize=4), total=n, desc=desc, dynamic_ncols=True))
+    else:
+        items = [_render_one(j) for j in tqdm(jobs, desc=desc, dynamic_ncols=True)]
+    data: dict[str, Any] = {
+        "clean": torch.stack([it["clean"] for it in items]),
+        "image": torch.stack([it["image"] for it in items]),
+        "boxes": [it["boxes"] for it in items],
+        "grade": torch.tensor([it["grade"] for it in items]),
+        "quality": torch.tensor([it["quality"] for it in items]),
+    }
+    if copies:
+        data["view_degraded"] = torch.stack([it["view_degraded"] for it in items], 1)  # (copies, N, 3, S, S)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(data, tmp)
+    os.replace(tmp, path)
+    return data
+
+
+class SyntheticViewRecords(Sequence[FourViewRecord]):
+    """Four-view records over a rendered synthetic set; epoch-dependent lesion subset and degraded copy."""
+
+    def __init__(self, data: dict[str, Any], max_lesions: int, seed: int) -> None:
+        self.data, self.max_lesions, self.seed, self.epoch = data, max_lesions, seed, 0
+
+    def __len__(self) -> int:
+        return int(self.data["clean"].shape[0])
+
+    def __getitem__(self, i: int) -> FourViewRecord:  # type: ignore[override]
+        copies = self.data["view_degraded"]
+        return FourViewRecord(
+            image=self.data["clean"][i].float() / 255.0,
+            boxes=cap_boxes(self.data["boxes"][i], self.max_lesions, self.seed, self.epoch, i),
+            degraded=copies[self.epoch % copies.shape[0], i].float() / 255.0,
+            label=int(self.data["grade"][i]),
+            quality=int(self.data["quality"][i]),
+            image_id=i,
+        )
+
+
+class _CachedImages:
+    def __init__(self, images: Tensor) -> None:
+        self.images = images
+
+    def __call__(self, i: int) -> Tensor:
+        return self.images[i].float() / 255.0
+
+
+def _synthetic(cfg: Any, seed: int) -> PipelineData:
+    sc: SyntheticConfig = cfg.data.synthetic
+    cache = Path(sc.cache_dir) if sc.cache_dir else default_cache_dir()
+    size = cfg.data.image_size
+    severity = tuple(cfg.pretrain.degradation_severity)
+    train = render_synthetic(sc.n_train, size, sc.seed, sc.n_view_copies, severity, cache, sc.workers)  # type: ignore[arg-type]
+    test = render_synthetic(sc.n_test, size, sc.seed + 1, 0, severity, cache, sc.workers)  # type: ignore[arg-type]
+    sampler = FourViewSampler(patch_size=cfg.pretrain.patch_size, n_healthy=cfg.pretrain.n_healthy)
+    views = EpochFourViewDataset(SyntheticViewRecords(train, cfg.pretrain.max_lesions, seed), sampler, base_seed=seed)
+    train_ds = GradingDataset(
+        _CachedImages(train["image"]), train["grade"].tolist(), train["quality"].tolist(), cfg.finetune.augment, seed
+    )
+    test_ds = GradingDataset(
+        _CachedImages(test["image"]), test["grade"].tolist(), test["quality"].tolist(), False, seed
+    )
+    return PipelineData(views, train_ds, test_ds, NUM_GRADES, QUALITY_NAMES)
+
+
+# --------------------------------------------------------------------------------------------------
+# real EyeQ
+# --------------------------------------------------------------------------------------------------
+
+
+def _path(root: Path | None, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() or root is None else root / p
+
+
+def _existing_dir(p: Path, what: str) -> Path:
+    if not p.is_dir():
+        raise ConfigError(f"{what}: directory {str(p)!r} does not exist")
+    return p
+
+
+class _ImageLoader:
+    def __init__(self, paths: Sequence[Path], size: int) -> None:
+        self.paths, self.size = list(paths), size
+
+    def __call__(self, i: int) -> Tensor:
+        return ds.load_image(self.paths[i], "RGB", self.size)
+
+
+class RealViewRecords(Sequence[FourViewRecord]):
+    """Four-view records over real images: resized to ``size`` on access, boxes scaled alike."""
+
+    def __init__(
+        self,
+        items: list[tuple[Path, list[ds.Box], list[ds.Box] | None, int, int]],
+        size: int,
+        max_lesions: int,
+        seed: int,
+    ) -> None:
+        self.items, self.size, self.max_lesions, self.seed, self.epoch = items, size, max_lesions, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> FourViewRecord:  # type: ignore[override]
+        from PIL import Image
+
+        path, lesions, healthy, grade, quality = self.items[i]
+        with Image.open(path) as img:
+            w, h = img.size
+        scale = torch.tensor([self.size / w, self.size / h, self.size / w, self.size / h])
+        boxes = torch.tensor(lesions, dtype=torch.float32).reshape(-1, 4) * scale
+        hb = None if not healthy else torch.tensor(healthy, dtype=torch.float32).reshape(-1, 4) * scale
+        return FourViewRecord(
+            image=ds.load_image(path, "RGB", self.size),
+            boxes=cap_boxes(boxes, self.max_lesions, self.seed, self.epoch, i),
+            healthy_boxes=hb,
+            label=grade,
+            quality=quality,
+            image_id=i,
+        )
+
+
+def load_boxes(cfg: RealEyeQConfig, root: Path | None, allow_pickle: bool) -> dict[str, ds.SplitBoxes]:
+    """The lesion boxes: from ``boxes_json``, or converted from ``boxes_pickle`` (needs ``allow_pickle``)."""
+    if cfg.boxes_json is None and cfg.boxes_pickle is None:
+        raise ConfigError(
+            "data.eyeq.boxes_json: the real-data pipeline needs lesion boxes (a JSON file, or boxes_pickle)"
+        )
+    json_path = _path(root, cfg.boxes_json) if cfg.boxes_json else None
+    if cfg.boxes_pickle is not None and (json_path is None or not json_path.exists()):
+        if not allow_pickle:
+            raise ConfigError(
+                f"data.eyeq.boxes_pickle: refusing to unpickle {cfg.boxes_pickle!r} (a pickle can run arbitrary code); "
+                "pass --allow-pickle for a file from a source you trust, or give data.eyeq.boxes_json"
+            )
+        pkl = _path(root, cfg.boxes_pickle)
+        json_path = json_path or pkl.with_suffix(".json")
+        return ds.convert_pickle_boxes(pkl, json_path, allow_pickle=True)
+    return ds.read_boxes_json(json_path)  # type: ignore[arg-type]  # set above when boxes_pickle is None
+
+
+def _real(cfg: Any, seed: int, allow_pickle: bool) -> PipelineData:
+    rc: RealEyeQConfig = cfg.data.eyeq
+    root = Path(rc.root).expanduser() if rc.root else None
+    if root is not None:
+        _existing_dir(root, "data.eyeq.root")
+    train_dir = _existing_dir(_path(root, rc.train_images), "data.eyeq.train_images")
+    test_dir = _existing_dir(_path(root, rc.test_images), "data.eyeq.test_images")
+    train_rows = ds.read_eyeq_labels(_path(root, rc.train_csv))[: rc.limit_train]
+    test_rows = ds.read_eyeq_labels(_path(root, rc.test_csv))[: rc.limit_test]
+    for rows, folder, name in ((train_rows, train_dir, "train"), (test_rows, test_dir, "test")):
+        missing = [r.image for r in rows if not (folder / r.image).is_file()]
+        if missing:
+            raise ConfigError(
+                f"data.eyeq.{name}_images: {len(missing)} image(s) of the {name} CSV are not in {folder}, "
+                f"e.g. {missing[0]!r}"
+            )
+    boxes = load_boxes(rc, root, allow_pickle)
+    if rc.boxes_split not in boxes:
+        raise ConfigError(f"data.eyeq.boxes_split: split {rc.boxes_split!r} not in the box file (has {sorted(boxes)})")
+    split = boxes[rc.boxes_split]
+    by_name = {r.image: r for r in train_rows}
+    items = []
+    skipped = 0
+    for key in sorted(set(split.unhealthy) | set(split.healthy)):
+        row = by_name.get(Path(key).name)
+        if row is None:
+            skipped += 1
+            continue
+        items.append(
+            (
+                train_dir / row.image,
+                split.unhealthy.get(key, []),
+                split.healthy.get(key) or None,
+                row.dr_grade,
+                row.quality,
+            )
+        )
+    if skipped:
+        logger.warning(
+            "%d image(s) of the box file are not in the train CSV and are not used for pre-training", skipped
+        )
+    if not items:
+        raise ConfigError(f"data.eyeq.boxes_json: no image of split {rc.boxes_split!r} is listed in {rc.train_csv}")
+    sampler = FourViewSampler(patch_size=cfg.pretrain.patch_size, n_healthy=cfg.pretrain.n_healthy)
+    degradation = FundusDegradation(severity=tuple(cfg.pretrain.degradation_severity), kinds="random")
+    views = EpochFourViewDataset(
+        RealViewRecords(items, rc.view_image_size, cfg.pretrain.max_lesions, seed), sampler, degradation, base_seed=seed
+    )
+    size = cfg.data.image_size
+    train_ds = GradingDataset(
+        _ImageLoader([train_dir / r.image for r in train_rows], size),
+        [r.dr_grade for r in train_rows],
+        [r.quality for r in train_rows],
+        cfg.finetune.augment,
+        seed,
+    )
+    test_ds = GradingDataset(
+        _ImageLoader([test_dir / r.image for r in test_rows], size),
+        [r.dr_grade for r in test_rows],
+        [r.quality for r in test_rows],
+        False,
+        seed,
+    )
+    return PipelineData(views, train_ds, test_ds, NUM_GRADES, QUALITY_NAMES)
+
+
+def build_data(cfg: Any, seed: int, allow_pickle: bool = False) -> PipelineData:
+    """The datasets of the configured source, for training seed ``seed``."""
+    if cfg.data.source == "synthetic":
+        return _synthetic(cfg, seed)
+    return _real(cfg, seed, allow_pickle)

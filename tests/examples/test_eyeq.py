@@ -1,0 +1,251 @@
+"""End-to-end tests of the EyeQ pipeline (examples/eyeq/train.py) on the tiny config."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from examples.common.datasets import SplitBoxes, write_boxes_json
+from examples.eyeq.train import main
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "examples" / "eyeq" / "configs" / "tiny.yaml"
+METRIC_KEYS = {"accuracy", "kappa", "macro_f1", "auc"}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("synthetic_cache")
+
+
+def _run(out: Path, cache: Path, *extra: str) -> int:
+    return main(
+        [
+            "--config",
+            str(TINY),
+            "--out",
+            str(out),
+            "--set",
+            f"data.synthetic.cache_dir={cache}",
+            "--set",
+            "run.tensorboard=false",
+            *extra,
+        ]
+    )
+
+
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _check_metrics(m: dict) -> None:
+    assert METRIC_KEYS <= set(m)
+    assert set(m["per_quality"]) == {"good", "usable", "reject"}
+    for group in m["per_quality"].values():
+        assert METRIC_KEYS <= set(group)
+
+
+def test_smoke_full_pipeline(tmp_path: Path, cache_dir: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["--config", str(TINY), "--out", str(out), "--set", f"data.synthetic.cache_dir={cache_dir}"]) == 0
+    _check_metrics(_metrics(out))
+    assert (out / "checkpoint.pt").is_file()
+    assert (out / "config.yaml").is_file()
+    assert (out / "scalars.csv").read_text().count("pretrain") > 0
+    assert any((out / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted(tmp_path: Path, cache_dir: Path) -> None:
+    # 1 pre-training epoch + 2 fine-tuning epochs; interrupt after 2 epochs (mid fine-tuning)
+    args = ["--set", "finetune.epochs=2"]
+    assert _run(tmp_path / "full", cache_dir, *args) == 0
+    assert _run(tmp_path / "cut", cache_dir, *args, "--stop-after-epochs", "2") == 0
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    assert _run(tmp_path / "cut", cache_dir, *args, "--resume") == 0
+    assert _metrics(tmp_path / "full") == _metrics(tmp_path / "cut")
+
+
+@pytest.mark.slow
+def test_resume_mid_pretraining_equals_uninterrupted(tmp_path: Path, cache_dir: Path) -> None:
+    # the hard-negative index, the momentum encoder and the self-paced pace come back from the checkpoint
+    args = ["--set", "pretrain.epochs=2", "--set", "finetune.epochs=1"]
+    assert _run(tmp_path / "full", cache_dir, *args) == 0
+    assert _run(tmp_path / "cut", cache_dir, *args, "--stop-after-epochs", "1") == 0
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert state["stage"] == "pretrain"
+    assert state["epoch"] == 1
+    criterion = state["pretrain"]["criterion"]
+    assert any(k.startswith("index.") for k in criterion)
+    assert any(k.startswith("weightings.") for k in criterion)
+    assert _run(tmp_path / "cut", cache_dir, *args, "--resume") == 0
+    assert _metrics(tmp_path / "full") == _metrics(tmp_path / "cut")
+
+
+@pytest.mark.slow
+def test_compare_all_methods(tmp_path: Path, cache_dir: Path) -> None:
+    out = tmp_path / "cmp"
+    assert _run(out, cache_dir, "--compare") == 0
+    results = json.loads((out / "compare.json").read_text())
+    assert list(results) == ["ce", "simclr", "supcon", "comcl_no_spl", "comcl_no_quality", "comcl"]
+    for m in results.values():
+        _check_metrics(m)
+    assert "CoMCL (full)" in (out / "compare.md").read_text()
+    assert (out / "compare_kappa.png").stat().st_size > 1000
+
+
+def test_seeds_report_mean_and_std(tmp_path: Path, cache_dir: Path) -> None:
+    out = tmp_path / "seeds"
+    assert _run(out, cache_dir, "--method", "ce", "--seeds", "2") == 0
+    results = json.loads((out / "compare.json").read_text())
+    assert results["ce"]["seeds"] == [0, 1]
+    assert "std" in results["ce"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config", "/nonexistent/cfg.yaml"], "does not exist"),
+        (["--set", "pretrain.epoch=2"], "did you mean 'epochs'"),
+        (["--set", "finetune.batch_size=0"], "finetune.batch_size: expected an int >= 1"),
+        (
+            ["--set", "data.source=eyeq", "--set", "data.eyeq.root=/nonexistent/EyeQ"],
+            "data.eyeq.root: directory '/nonexistent/EyeQ' does not exist",
+        ),
+        (["--resume"], "no checkpoint to resume from"),
+        (["--compare", "--methods", "ce,nope"], "--methods"),
+    ],
+    ids=["missing-config", "unknown-key", "bad-value", "missing-data-root", "resume-without-checkpoint", "bad-method"],
+)
+def test_clear_errors(tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--config", str(TINY)] if "--config" not in args else []
+    assert main([*base, "--out", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_malformed_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain: {epochs: 1\n")
+    assert main(["--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- real EyeQ format
+
+
+def _fixture_eyeq(root: Path) -> dict[str, SplitBoxes]:
+    """A tiny dataset in the published EyeQ layout: CSVs, PNG/JPEG images, lesion-box JSON."""
+    g = torch.Generator().manual_seed(0)
+    rows = {"train": [], "test": []}
+    boxes = SplitBoxes()
+    for split, n in (("train", 8), ("test", 6)):
+        (root / split).mkdir(parents=True)
+        for i in range(n):
+            name = f"{100 + i}_{'left' if i % 2 else 'right'}.{'jpeg' if i % 2 else 'png'}"
+            w, h = (80, 72) if i % 3 else (72, 72)
+            img = (torch.rand(h, w, 3, generator=g) * 200 + 20).to(torch.uint8).numpy()
+            Image.fromarray(img).save(root / split / name)
+            grade, quality = i % 5, i % 3
+            rows[split].append(f"{i},{name},{quality},{grade}")
+            if split == "train" and grade > 0:
+                boxes.unhealthy[f"EyeQ/train/{name}"] = [(10.0, 12.0, 22.0, 20.0), (40.0, 30.0, 47.0, 41.0)]
+            elif split == "train":
+                boxes.healthy[name] = [(30.0, 30.0, 50.0, 50.0)]
+    for split in ("train", "test"):
+        (root / f"Label_EyeQ_{split}.csv").write_text(",image,quality,DR_grade\n" + "\n".join(rows[split]) + "\n")
+    return {"train": boxes}
+
+
+def _real_args(root: Path) -> list[str]:
+    return [
+        "--set",
+        "data.source=eyeq",
+        "--set",
+        f"data.eyeq.root={root}",
+        "--set",
+        "data.eyeq.view_image_size=64",
+        "--set",
+        "data.image_size=48",
+    ]
+
+
+def test_real_eyeq_format(tmp_path: Path) -> None:
+    root = tmp_path / "EyeQ"
+    write_boxes_json(_fixture_eyeq(root), tmp_path / "boxes.json")
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "--config",
+                str(TINY),
+                "--out",
+                str(out),
+                *_real_args(root),
+                "--set",
+                f"data.eyeq.boxes_json={tmp_path / 'boxes.json'}",
+                "--set",
+                "run.tensorboard=false",
+            ]
+        )
+        == 0
+    )
+    m = _metrics(out)
+    _check_metrics(m)
+    assert m["n"] == 6
+
+
+def test_real_eyeq_pickle_needs_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "EyeQ"
+    boxes = _fixture_eyeq(root)["train"]
+    with (tmp_path / "boxes.pkl").open("wb") as f:
+        pickle.dump({"train": {"healthy": boxes.healthy, "unhealthy": boxes.unhealthy}}, f)
+    args = [
+        "--config",
+        str(TINY),
+        "--out",
+        str(tmp_path / "run"),
+        *_real_args(root),
+        "--set",
+        f"data.eyeq.boxes_pickle={tmp_path / 'boxes.pkl'}",
+    ]
+    args += ["--set", "run.tensorboard=false", "--method", "simclr"]
+    assert main(args) == 2
+    assert "--allow-pickle" in capsys.readouterr().err
+    assert main([*args, "--allow-pickle"]) == 0
+    assert (tmp_path / "boxes.json").is_file()  # converted next to the pickle
+    _check_metrics(_metrics(tmp_path / "run"))
+
+
+def test_real_eyeq_missing_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "EyeQ"
+    write_boxes_json(_fixture_eyeq(root), tmp_path / "boxes.json")
+    next((root / "test").iterdir()).unlink()
+    args = [
+        "--config",
+        str(TINY),
+        "--out",
+        str(tmp_path / "run"),
+        *_real_args(root),
+        "--set",
+        f"data.eyeq.boxes_json={tmp_path / 'boxes.json'}",
+    ]
+    assert main(args) == 2
+    assert "are not in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["default", "tiny", "real_gpu"])
+def test_shipped_configs_load(name: str) -> None:
+    from examples.common.config import load_config
+    from examples.eyeq.train import EyeQConfig
+
+    cfg = load_config(EyeQConfig, REPO / "examples" / "eyeq" / "configs" / f"{name}.yaml")
+    if name == "real_gpu":
+        assert (cfg.model.arch, cfg.pretrain.patch_size, cfg.pretrain.temperature) == ("resnet50", 128, 0.07)
+        assert (cfg.pretrain.optim.lr, cfg.pretrain.optim.momentum, cfg.pretrain.optim.nesterov) == (0.02, 0.9, True)
+        assert (cfg.pretrain.optim.weight_decay, cfg.pretrain.optim.schedule) == (5e-4, "cosine")
