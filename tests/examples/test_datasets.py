@@ -472,3 +472,10 @@ def test_docstring_examples_run() -> None:
     result = doctest.testmod(ds, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 2
     assert result.failed == 0
+
+
+def test_label_list_matches_the_synthetic_data() -> None:
+    """The readers keep their own copy (so the converter CLI starts without torch); it must not drift."""
+    from mlcl_losses.synthetic import CHESTXRAY14_LABELS
+
+    assert ds.CHESTXRAY14_LABELS == CHESTXRAY14_LABELS
