@@ -1,0 +1,436 @@
+"""ChestX-ray14 data for the pipeline: the built-in synthetic look-alike (default) or the real NIH files.
+
+Synthetic (``data.source: synthetic``): :class:`mlcl_losses.synthetic.SyntheticChestXray` train and
+test sets (14-label multi-hot targets, lesion boxes, quality Good / Usable / Reject), rendered once
+(in ``data.synthetic.workers`` processes) and cached as uint8 tensors under
+``data.synthetic.cache_dir``. Each training image gets ``n_view_copies`` degraded copies
+(:class:`mlcl_losses.degrade.XrayDegradation`, severity ``pretrain.degradation_severity``, random
+kinds) for the low-quality views V2 / V4; epoch ``e`` uses copy ``e % n_view_copies``. Fine-tuning and
+evaluation use each sample's own image, degraded according to its quality label.
+
+Real ChestX-ray14 (``data.source: chestxray14``): ``Data_Entry_2017.csv``, ``train_val_list.txt`` /
+``test_list.txt`` (patients checked disjoint) and the PNG folder, read with
+:mod:`examples.common.datasets`. ChestX-ray14 has no image-quality labels, so each image gets a
+quality level drawn from ``(data seed, image name)`` (``quality_probs``) and is degraded with an
+:class:`~mlcl_losses.degrade.XrayDegradation` of that level's severity (``severity_ranges``; Good
+stays clean): the same for every run and every training seed. Lesion boxes for pre-training come
+from ``BBox_List_2017.csv`` and/or a detector's JSON (:func:`examples.common.datasets.read_boxes_json`
+layout, ``boxes_json`` / ``boxes_split``); only images of the train list are used (the official box
+list is mostly test images, which pre-training must not see). Healthy patches come from regions away
+from the boxes and from ``No Finding`` training images (``healthy_images`` of them).
+
+Images are grayscale; they are repeated to 3 channels for the torchvision ResNet encoder.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from examples.common import datasets as ds
+from examples.common.config import ConfigError, check
+from examples.common.finetune import GradingDataset
+from examples.common.pipeline import PipelineData
+from examples.eyeq.data import EpochFourViewDataset, cap_boxes
+from mlcl_losses.degrade import XrayDegradation, mix_seed
+from mlcl_losses.views import FourViewDataset, FourViewRecord, FourViewSampler
+
+__all__ = [
+    "LABELS",
+    "QUALITY_NAMES",
+    "ChestXrayDataConfig",
+    "RealChestXrayConfig",
+    "SyntheticConfig",
+    "build_data",
+    "supcon_label",
+]
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+LABELS = ds.CHESTXRAY14_LABELS
+QUALITY_NAMES = ("Good", "Usable", "Reject")
+#: SupCon needs one label per image: "any finding" (1) versus No Finding (0).
+SUPCON_LABEL = "any_finding"
+
+
+def supcon_label(target: Tensor) -> int:
+    """The single label SupCon pre-training uses: 1 if ``target (14,)`` has any finding, else 0."""
+    return int(bool(target.bool().any()))
+
+
+@dataclass
+class SyntheticConfig:
+    """Synthetic chest X-ray sets (:class:`mlcl_losses.synthetic.SyntheticChestXray`)."""
+
+    n_train: int = 384
+    n_test: int = 384
+    seed: int = 2000
+    n_view_copies: int = 2
+    cache_dir: str | None = None
+    workers: int = 2
+
+    def validate(self, key: str) -> None:
+        for name in ("n_train", "n_test", "n_view_copies", "workers"):
+            check(getattr(self, name) >= 1, f"{key}.{name}", "an int >= 1", getattr(self, name))
+
+
+@dataclass
+class RealChestXrayConfig:
+    """Paths of the real ChestX-ray14 files; relative paths are taken from ``root``."""
+
+    root: str | None = None
+    data_entry: str = "Data_Entry_2017.csv"
+    bbox_list: str | None = "BBox_List_2017.csv"
+    train_list: str = "train_val_list.txt"
+    test_list: str = "test_list.txt"
+    images: str = "images"
+    boxes_json: str | None = None
+    boxes_split: str = "train"
+    healthy_images: int = 1000
+    view_image_size: int = 512
+    quality_probs: tuple[float, float, float] = (0.5, 0.3, 0.2)
+    severity_ranges: list[tuple[float, float]] = field(default_factory=lambda: [(0.0, 0.0), (0.3, 0.55), (0.7, 1.0)])
+    limit_train: int | None = None
+    limit_test: int | None = None
+
+    def validate(self, key: str) -> None:
+        check(self.view_image_size >= 16, f"{key}.view_image_size", "an int >= 16", self.view_image_size)
+        check(self.healthy_images >= 0, f"{key}.healthy_images", "an int >= 0", self.healthy_images)
+        check(
+            all(p >= 0 for p in self.quality_probs) and sum(self.quality_probs) > 0,
+            f"{key}.quality_probs",
+            "3 weights >= 0 with a positive sum",
+            list(self.quality_probs),
+        )
+        check(len(self.severity_ranges) == 3, f"{key}.severity_ranges", "3 ranges [low, high]", self.severity_ranges)
+        for i, (lo, hi) in enumerate(self.severity_ranges):
+            check(0 <= lo <= hi <= 1, f"{key}.severity_ranges[{i}]", "[low, high] with 0 <= low <= high <= 1", [lo, hi])
+        for name in ("limit_train", "limit_test"):
+            v = getattr(self, name)
+            check(v is None or v >= 1, f"{key}.{name}", "null or an int >= 1", v)
+
+
+@dataclass
+class ChestXrayDataConfig:
+    """Where the data comes from and the classifier's input size."""
+
+    source: Literal["synthetic", "chestxray14"] = "synthetic"
+    image_size: int = 64
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    chestxray14: RealChestXrayConfig = field(default_factory=RealChestXrayConfig)
+
+    def validate(self, key: str) -> None:
+        check(self.source in ("synthetic", "chestxray14"), f"{key}.source", "'synthetic' or 'chestxray14'", self.source)
+        check(self.image_size >= 32, f"{key}.image_size", "an int >= 32", self.image_size)
+        self.synthetic.validate(f"{key}.synthetic")
+        self.chestxray14.validate(f"{key}.chestxray14")
+
+
+def _rgb(gray: Tensor) -> Tensor:
+    """``(1, H, W)`` -> ``(3, H, W)`` (the encoder takes 3 channels)."""
+    return gray.expand(3, -1, -1).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# synthetic
+# --------------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mlcl_losses" / "chestxray"
+
+
+def _u8(x: Tensor) -> Tensor:
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _render_one(args: tuple[int, int, int, int, int, tuple[float, float]]) -> dict[str, Any]:
+    from mlcl_losses.synthetic import SyntheticChestXray
+
+    torch.set_num_threads(1)
+    n, size, seed, index, copies, severity = args
+    sample = SyntheticChestXray(n=n, size=size, seed=seed)[index]
+    out = {
+        "clean": _u8(sample.clean_image),
+        "image": _u8(sample.image),
+        "boxes": sample.boxes.clone().float().reshape(-1, 4),
+        "labels": sample.labels.clone(),
+        "quality": int(sample.quality),
+    }
+    if copies:
+        degrade = XrayDegradation(severity=severity, kinds="random")
+        views = []
+        for c in range(copies):
+            g = torch.Generator().manual_seed(mix_seed(seed, 77, c, index))
+            views.append(_u8(degrade(sample.clean_image, generator=g)))
+        out["view_degraded"] = torch.stack(views)
+    return out
+
+
+def render_synthetic(
+    n: int, size: int, seed: int, copies: int, severity: tuple[float, float], cache_dir: Path, workers: int
+) -> dict[str, Any]:
+    """Render (or read from the cache) ``n`` synthetic chest X-rays as uint8 ``(N, 1, S, S)`` tensors."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    sev = f"{severity[0]:g}-{severity[1]:g}" if copies else "none"
+    path = cache_dir / f"chest_v{CACHE_VERSION}_n{n}_s{size}_seed{seed}_c{copies}_sev{sev}.pt"
+    if path.exists():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as err:  # a corrupt cache file is re-rendered
+            logger.warning("re-rendering unreadable cache %s (%s)", path, err)
+    from tqdm.auto import tqdm
+
+    jobs = [(n, size, seed, i, copies, severity) for i in range(n)]
+    desc = f"rendering {n} synthetic chest X-rays ({size} px, cached in {cache_dir})"
+    if workers > 1:
+        ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+        with ctx.Pool(workers) as pool:
+            items = list(tqdm(pool.imap(_render_one, jobs, chunksize=4), total=n, desc=desc, dynamic_ncols=True))
+    else:
+        items = [_render_one(j) for j in tqdm(jobs, desc=desc, dynamic_ncols=True)]
+    data: dict[str, Any] = {
+        "clean": torch.stack([it["clean"] for it in items]),
+        "image": torch.stack([it["image"] for it in items]),
+        "boxes": [it["boxes"] for it in items],
+        "labels": torch.stack([it["labels"] for it in items]),
+        "quality": torch.tensor([it["quality"] for it in items]),
+    }
+    if copies:
+        data["view_degraded"] = torch.stack([it["view_degraded"] for it in items], 1)  # (copies, N, 1, S, S)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(data, tmp)
+    os.replace(tmp, path)
+    return data
+
+
+class SyntheticViewRecords(Sequence[FourViewRecord]):
+    """Four-view records over a rendered synthetic set; epoch-dependent lesion subset and degraded copy."""
+
+    def __init__(self, data: dict[str, Any], max_lesions: int, seed: int) -> None:
+        self.data, self.max_lesions, self.seed, self.epoch = data, max_lesions, seed, 0
+
+    def __len__(self) -> int:
+        return int(self.data["clean"].shape[0])
+
+    def __getitem__(self, i: int) -> FourViewRecord:  # type: ignore[override]
+        copies = self.data["view_degraded"]
+        return FourViewRecord(
+            image=_rgb(self.data["clean"][i].float() / 255.0),
+            boxes=cap_boxes(self.data["boxes"][i], self.max_lesions, self.seed, self.epoch, i),
+            degraded=_rgb(copies[self.epoch % copies.shape[0], i].float() / 255.0),
+            label=supcon_label(self.data["labels"][i]),
+            quality=int(self.data["quality"][i]),
+            image_id=i,
+        )
+
+
+class _CachedImages:
+    def __init__(self, images: Tensor) -> None:
+        self.images = images
+
+    def __call__(self, i: int) -> Tensor:
+        return _rgb(self.images[i].float() / 255.0)
+
+
+def _synthetic(cfg: Any, seed: int) -> PipelineData:
+    sc: SyntheticConfig = cfg.data.synthetic
+    cache = Path(sc.cache_dir) if sc.cache_dir else default_cache_dir()
+    size = cfg.data.image_size
+    severity = tuple(cfg.pretrain.degradation_severity)
+    train = render_synthetic(sc.n_train, size, sc.seed, sc.n_view_copies, severity, cache, sc.workers)  # type: ignore[arg-type]
+    test = render_synthetic(sc.n_test, size, sc.seed + 1, 0, severity, cache, sc.workers)  # type: ignore[arg-type]
+    sampler = FourViewSampler(patch_size=cfg.pretrain.patch_size, n_healthy=cfg.pretrain.n_healthy)
+    views = EpochFourViewDataset(SyntheticViewRecords(train, cfg.pretrain.max_lesions, seed), sampler, base_seed=seed)
+    train_ds = GradingDataset(
+        _CachedImages(train["image"]), list(train["labels"]), train["quality"].tolist(), cfg.finetune.augment, seed
+    )
+    test_ds = GradingDataset(_CachedImages(test["image"]), list(test["labels"]), test["quality"].tolist(), False, seed)
+    return PipelineData(views, train_ds, test_ds, len(LABELS), QUALITY_NAMES)
+
+
+# --------------------------------------------------------------------------------------------------
+# real ChestX-ray14
+# --------------------------------------------------------------------------------------------------
+
+
+def _path(root: Path | None, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() or root is None else root / p
+
+
+def image_quality(name: str, data_seed: int, probs: Sequence[float]) -> int:
+    """The simulated quality level (0 Good, 1 Usable, 2 Reject) of real image ``name``; fixed per data seed."""
+    g = torch.Generator().manual_seed(mix_seed(data_seed, *name.encode()))
+    return int(torch.multinomial(torch.tensor(probs, dtype=torch.float64), 1, generator=g))
+
+
+class _DegradedLoader:
+    """``i -> (3, S, S)``: image ``i`` resized, degraded at its quality level (seeded by its name)."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        qualities: Sequence[int],
+        size: int,
+        ranges: Sequence[tuple[float, float]],
+        seed: int,
+    ) -> None:
+        self.paths, self.qualities, self.size, self.seed = list(paths), list(qualities), size, seed
+        self.degrade = [XrayDegradation(severity=tuple(r), kinds="random") if r[1] > 0 else None for r in ranges]
+
+    def __call__(self, i: int) -> Tensor:
+        image = ds.load_image(self.paths[i], "L", self.size)
+        degrade = self.degrade[self.qualities[i]]
+        if degrade is not None:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, 5, *self.paths[i].name.encode()))
+            image = degrade(image, generator=g).clamp(0, 1)
+        return _rgb(image)
+
+
+class RealViewRecords(Sequence[FourViewRecord]):
+    """Four-view records over real images: resized to ``size`` on access, boxes scaled alike."""
+
+    def __init__(
+        self,
+        items: list[tuple[Path, list[ds.Box], list[ds.Box] | None, int]],
+        size: int,
+        max_lesions: int,
+        seed: int,
+    ) -> None:
+        self.items, self.size, self.max_lesions, self.seed, self.epoch = items, size, max_lesions, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> FourViewRecord:  # type: ignore[override]
+        from PIL import Image
+
+        path, lesions, healthy, label = self.items[i]
+        with Image.open(path) as img:
+            w, h = img.size
+        scale = torch.tensor([self.size / w, self.size / h, self.size / w, self.size / h])
+        boxes = torch.tensor(lesions, dtype=torch.float32).reshape(-1, 4) * scale
+        hb = None if not healthy else torch.tensor(healthy, dtype=torch.float32).reshape(-1, 4) * scale
+        return FourViewRecord(
+            image=_rgb(ds.load_image(path, "L", self.size)),
+            boxes=cap_boxes(boxes, self.max_lesions, self.seed, self.epoch, i),
+            healthy_boxes=hb,
+            label=label,
+            image_id=i,
+        )
+
+
+class _GrayDegradation:
+    """An :class:`XrayDegradation` for 3-channel copies of a grayscale image: ``(3, H, W) -> (3, H, W)``."""
+
+    def __init__(self, degrade: XrayDegradation) -> None:
+        self.degrade = degrade
+
+    def __call__(self, image: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return _rgb(self.degrade(image[:1], generator=generator).clamp(0, 1))
+
+
+def _lesion_boxes(
+    rc: RealChestXrayConfig, root: Path | None
+) -> tuple[dict[str, list[ds.Box]], dict[str, list[ds.Box]]]:
+    """``(lesion boxes, healthy boxes)`` by image name, ``x1, y1, x2, y2`` in the image's pixels."""
+    if rc.bbox_list is None and rc.boxes_json is None:
+        raise ConfigError(
+            "data.chestxray14.bbox_list: the real-data pipeline needs lesion boxes "
+            "(BBox_List_2017.csv and/or a detector's boxes_json)"
+        )
+    lesions: dict[str, list[ds.Box]] = {}
+    healthy: dict[str, list[ds.Box]] = {}
+    if rc.bbox_list is not None:
+        for image, entries in ds.read_bbox_list(_path(root, rc.bbox_list)).items():
+            lesions.setdefault(image, []).extend((x, y, x + w, y + h) for _label, (x, y, w, h) in entries)
+    if rc.boxes_json is not None:
+        tree = ds.read_boxes_json(_path(root, rc.boxes_json))
+        if rc.boxes_split not in tree:
+            raise ConfigError(
+                f"data.chestxray14.boxes_split: split {rc.boxes_split!r} not in the box file (has {sorted(tree)})"
+            )
+        split = tree[rc.boxes_split]
+        for key, boxes in split.unhealthy.items():
+            lesions.setdefault(Path(key).name, []).extend(boxes)
+        for key, boxes in split.healthy.items():
+            healthy.setdefault(Path(key).name, []).extend(boxes)
+    return lesions, healthy
+
+
+def _real(cfg: Any, seed: int) -> PipelineData:
+    rc: RealChestXrayConfig = cfg.data.chestxray14
+    root = Path(rc.root).expanduser() if rc.root else None
+    if root is not None and not root.is_dir():
+        raise ConfigError(f"data.chestxray14.root: directory {str(root)!r} does not exist")
+    image_dir = _path(root, rc.images)
+    if not image_dir.is_dir():
+        raise ConfigError(f"data.chestxray14.images: directory {str(image_dir)!r} does not exist")
+    records = {r.image: r for r in ds.read_data_entry(_path(root, rc.data_entry))}
+    train_names = ds.read_split(_path(root, rc.train_list))
+    test_names = ds.read_split(_path(root, rc.test_list))
+    ds.assert_patient_disjoint(records.values(), train_names, test_names)
+    train_names, test_names = train_names[: rc.limit_train], test_names[: rc.limit_test]
+    for names, what in ((train_names, "train"), (test_names, "test")):
+        missing = [n for n in names if not (image_dir / n).is_file()]
+        if missing:
+            raise ConfigError(
+                f"data.chestxray14.images: {len(missing)} image(s) of the {what} list are not in {image_dir}, "
+                f"e.g. {missing[0]!r}"
+            )
+    lesions, healthy = _lesion_boxes(rc, root)
+    train_set = set(train_names)
+    not_train = sorted(k for k in lesions if k not in train_set)
+    if not_train:
+        logger.warning(
+            "%d image(s) with lesion boxes are not in the train list and are not used for pre-training, e.g. %s",
+            len(not_train),
+            not_train[0],
+        )
+    items: list[tuple[Path, list[ds.Box], list[ds.Box] | None, int]] = [
+        (image_dir / n, lesions[n], healthy.get(n) or None, 1) for n in train_names if lesions.get(n)
+    ]
+    if not items:
+        raise ConfigError(
+            f"data.chestxray14: no image of {rc.train_list} has a lesion box "
+            "(the official BBox_List_2017.csv covers mostly test images: give a detector's boxes_json for train images)"
+        )
+    normal = [n for n in train_names if not records[n].labels and not lesions.get(n)][: rc.healthy_images]
+    items += [(image_dir / n, [], healthy.get(n) or None, 0) for n in normal]
+    sampler = FourViewSampler(patch_size=cfg.pretrain.patch_size, n_healthy=cfg.pretrain.n_healthy)
+    degradation = _GrayDegradation(
+        XrayDegradation(severity=tuple(cfg.pretrain.degradation_severity), kinds="random")  # type: ignore[arg-type]
+    )
+    views: FourViewDataset = EpochFourViewDataset(
+        RealViewRecords(items, rc.view_image_size, cfg.pretrain.max_lesions, seed), sampler, degradation, base_seed=seed
+    )
+    data_seed = cfg.data.synthetic.seed
+    ranges = [tuple(r) for r in rc.severity_ranges]
+
+    def grading(names: list[str], augment: bool) -> GradingDataset:
+        quality = [image_quality(n, data_seed, rc.quality_probs) for n in names]
+        loader = _DegradedLoader([image_dir / n for n in names], quality, cfg.data.image_size, ranges, data_seed)  # type: ignore[arg-type]
+        targets = [ds.multi_hot(records[n].labels) for n in names]
+        return GradingDataset(loader, targets, quality, augment, seed)  # type: ignore[arg-type]
+
+    return PipelineData(
+        views, grading(train_names, cfg.finetune.augment), grading(test_names, False), len(LABELS), QUALITY_NAMES
+    )
+
+
+def build_data(cfg: Any, seed: int) -> PipelineData:
+    """The datasets of the configured source, for training seed ``seed``."""
+    if cfg.data.source == "synthetic":
+        return _synthetic(cfg, seed)
+    return _real(cfg, seed)
