@@ -25,7 +25,6 @@ Images are grayscale; they are repeated to 3 channels for the torchvision ResNet
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from examples.common import datasets as ds
 from examples.common.config import ConfigError, check
 from examples.common.finetune import GradingDataset
 from examples.common.pipeline import PipelineData
-from examples.eyeq.data import EpochFourViewDataset, cap_boxes
+from examples.common.views import CachedImages, EpochFourViewDataset, SyntheticViewRecords, cap_boxes, render_cached
 from mlcl_losses.degrade import XrayDegradation, mix_seed
 from mlcl_losses.views import FourViewDataset, FourViewRecord, FourViewSampler
 
@@ -140,11 +139,6 @@ def _rgb(gray: Tensor) -> Tensor:
     return gray.expand(3, -1, -1).contiguous()
 
 
-# --------------------------------------------------------------------------------------------------
-# synthetic
-# --------------------------------------------------------------------------------------------------
-
-
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "mlcl_losses" / "chestxray"
@@ -181,66 +175,11 @@ def render_synthetic(
     n: int, size: int, seed: int, copies: int, severity: tuple[float, float], cache_dir: Path, workers: int
 ) -> dict[str, Any]:
     """Render (or read from the cache) ``n`` synthetic chest X-rays as uint8 ``(N, 1, S, S)`` tensors."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
     sev = f"{severity[0]:g}-{severity[1]:g}" if copies else "none"
     path = cache_dir / f"chest_v{CACHE_VERSION}_n{n}_s{size}_seed{seed}_c{copies}_sev{sev}.pt"
-    if path.exists():
-        try:
-            return torch.load(path, weights_only=True)
-        except Exception as err:  # a corrupt cache file is re-rendered
-            logger.warning("re-rendering unreadable cache %s (%s)", path, err)
-    from tqdm.auto import tqdm
-
     jobs = [(n, size, seed, i, copies, severity) for i in range(n)]
     desc = f"rendering {n} synthetic chest X-rays ({size} px, cached in {cache_dir})"
-    if workers > 1:
-        ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
-        with ctx.Pool(workers) as pool:
-            items = list(tqdm(pool.imap(_render_one, jobs, chunksize=4), total=n, desc=desc, dynamic_ncols=True))
-    else:
-        items = [_render_one(j) for j in tqdm(jobs, desc=desc, dynamic_ncols=True)]
-    data: dict[str, Any] = {
-        "clean": torch.stack([it["clean"] for it in items]),
-        "image": torch.stack([it["image"] for it in items]),
-        "boxes": [it["boxes"] for it in items],
-        "labels": torch.stack([it["labels"] for it in items]),
-        "quality": torch.tensor([it["quality"] for it in items]),
-    }
-    if copies:
-        data["view_degraded"] = torch.stack([it["view_degraded"] for it in items], 1)  # (copies, N, 1, S, S)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)
-    return data
-
-
-class SyntheticViewRecords(Sequence[FourViewRecord]):
-    """Four-view records over a rendered synthetic set; epoch-dependent lesion subset and degraded copy."""
-
-    def __init__(self, data: dict[str, Any], max_lesions: int, seed: int) -> None:
-        self.data, self.max_lesions, self.seed, self.epoch = data, max_lesions, seed, 0
-
-    def __len__(self) -> int:
-        return int(self.data["clean"].shape[0])
-
-    def __getitem__(self, i: int) -> FourViewRecord:  # type: ignore[override]
-        copies = self.data["view_degraded"]
-        return FourViewRecord(
-            image=_rgb(self.data["clean"][i].float() / 255.0),
-            boxes=cap_boxes(self.data["boxes"][i], self.max_lesions, self.seed, self.epoch, i),
-            degraded=_rgb(copies[self.epoch % copies.shape[0], i].float() / 255.0),
-            label=supcon_label(self.data["labels"][i]),
-            quality=int(self.data["quality"][i]),
-            image_id=i,
-        )
-
-
-class _CachedImages:
-    def __init__(self, images: Tensor) -> None:
-        self.images = images
-
-    def __call__(self, i: int) -> Tensor:
-        return _rgb(self.images[i].float() / 255.0)
+    return render_cached(path, _render_one, jobs, workers, desc)
 
 
 def _synthetic(cfg: Any, seed: int) -> PipelineData:
@@ -251,11 +190,17 @@ def _synthetic(cfg: Any, seed: int) -> PipelineData:
     train = render_synthetic(sc.n_train, size, sc.seed, sc.n_view_copies, severity, cache, sc.workers)  # type: ignore[arg-type]
     test = render_synthetic(sc.n_test, size, sc.seed + 1, 0, severity, cache, sc.workers)  # type: ignore[arg-type]
     sampler = FourViewSampler(patch_size=cfg.pretrain.patch_size, n_healthy=cfg.pretrain.n_healthy)
-    views = EpochFourViewDataset(SyntheticViewRecords(train, cfg.pretrain.max_lesions, seed), sampler, base_seed=seed)
-    train_ds = GradingDataset(
-        _CachedImages(train["image"]), list(train["labels"]), train["quality"].tolist(), cfg.finetune.augment, seed
+    views = EpochFourViewDataset(
+        SyntheticViewRecords(train, cfg.pretrain.max_lesions, seed, "labels", supcon_label, _rgb),
+        sampler,
+        base_seed=seed,
     )
-    test_ds = GradingDataset(_CachedImages(test["image"]), list(test["labels"]), test["quality"].tolist(), False, seed)
+    train_ds = GradingDataset(
+        CachedImages(train["image"], _rgb), list(train["labels"]), train["quality"].tolist(), cfg.finetune.augment, seed
+    )
+    test_ds = GradingDataset(
+        CachedImages(test["image"], _rgb), list(test["labels"]), test["quality"].tolist(), False, seed
+    )
     return PipelineData(views, train_ds, test_ds, len(LABELS), QUALITY_NAMES)
 
 

@@ -1,13 +1,16 @@
-"""Pieces shared by the example pipelines (EyeQ now, ChestX-ray14 next).
+"""Pieces shared by the example pipelines (EyeQ, ChestX-ray14).
 
 ``datasets`` (readers for the real EyeQ and ChestX-ray14 formats), ``config`` (typed YAML config with
 ``--set`` overrides), ``models`` (ResNet encoder of any width, projection head, momentum copy),
 ``pretrain`` / ``finetune`` / ``evaluate`` (the stages), ``pipeline`` (one run with checkpoints and
-resume), ``checkpoint``, ``runlog`` (CSV / JSON / TensorBoard) and ``compare`` (method comparison).
+resume), ``task`` (loss, prediction and metrics of a single- or multi-label task), ``checkpoint``,
+``runlog`` (CSV / JSON / TensorBoard), ``compare`` (method comparison), ``cli`` (the command line of
+``train.py``) and ``views`` (data helpers: lesion boxes, four-view dataset, rendering cache).
 """
 
 __all__ = [
     "checkpoint",
+    "cli",
     "compare",
     "config",
     "datasets",
@@ -17,4 +20,6 @@ __all__ = [
     "pipeline",
     "pretrain",
     "runlog",
+    "task",
+    "views",
 ]

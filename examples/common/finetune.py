@@ -18,7 +18,14 @@ from examples.common.models import Classifier
 from examples.common.pretrain import build_optimizer
 from mlcl_losses.degrade import mix_seed
 
-__all__ = ["FinetuneState", "GradingDataset", "build_finetune", "finetune_epoch"]
+__all__ = [
+    "FinetuneState",
+    "GradingDataset",
+    "argmax_correct",
+    "build_finetune",
+    "cross_entropy_loss",
+    "finetune_epoch",
+]
 
 
 class GradingDataset(Dataset[tuple[Tensor, int, int]]):
@@ -99,40 +106,61 @@ def build_finetune(model: Classifier, cfg: FinetuneConfig, steps_per_epoch: int)
     return FinetuneState(model, opt, sched)
 
 
-def finetune_epoch(
-    state: FinetuneState, loader: Any, cfg: FinetuneConfig, device: torch.device, epoch: int = 0, desc: str = "finetune"
-) -> dict[str, float]:
-    """One epoch of cross-entropy training; returns mean loss, accuracy and the last LR.
+def cross_entropy_loss(logits: Tensor, target: Tensor, cfg: FinetuneConfig) -> Tensor:
+    """Cross-entropy of ``logits (B, C)`` against class indices ``target (B,)`` int64, label-smoothed by ``cfg``."""
+    return F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
 
-    During the first ``cfg.freeze_epochs`` epochs the encoder is frozen (eval mode, no gradient).
+
+def argmax_correct(logits: Tensor, target: Tensor) -> tuple[int, int]:
+    """``(correct, scored)``: arg-max predictions of ``logits (B, C)`` equal to ``target (B,)``, and ``B``."""
+    return int((logits.argmax(1) == target).sum()), int(target.numel())
+
+
+def finetune_epoch(
+    state: FinetuneState,
+    loader: Any,
+    cfg: FinetuneConfig,
+    device: torch.device,
+    epoch: int = 0,
+    desc: str = "finetune",
+    loss_fn: Callable[[Tensor, Tensor, FinetuneConfig], Tensor] = cross_entropy_loss,
+    correct_fn: Callable[[Tensor, Tensor], tuple[int, int]] = argmax_correct,
+    prepare_target: Callable[[Tensor], Tensor] = lambda t: t,
+) -> dict[str, float]:
+    """One epoch of supervised training; returns mean loss, accuracy and the last LR.
+
+    The loss is ``loss_fn(logits, target, cfg)`` (cross-entropy unless a task passes another), the
+    accuracy ``sum(correct) / sum(scored)`` of ``correct_fn(logits, target)``; ``prepare_target`` maps
+    each batch's target (already on ``device``) before both. During the first ``cfg.freeze_epochs``
+    epochs the encoder is frozen (eval mode, no gradient).
     """
     state.model.train()
     frozen = epoch < cfg.freeze_epochs
     if frozen:
         state.model.encoder.eval()
-    total, correct, count = 0.0, 0, 0
+    total, correct, scored, count = 0.0, 0, 0, 0
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
     for images, target, _group in bar:
-        images, target = images.to(device, non_blocking=True), target.to(device)
+        images, target = images.to(device, non_blocking=True), prepare_target(target.to(device))
         if frozen:
             with torch.no_grad():
                 features = state.model.encoder(images)
             logits = state.model.fc(features)
         else:
             logits = state.model(images)
-        loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+        loss = loss_fn(logits, target, cfg)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
         state.scheduler.step()
         state.step += 1
-        n = int(target.numel())
+        n = int(target.shape[0])
         total += float(loss.detach()) * n
-        correct += int((logits.argmax(1) == target).sum())
-        count += n
+        c, k = correct_fn(logits.detach(), target)
+        correct, scored, count = correct + c, scored + k, count + n
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     return {
-        "loss": total / max(1, count) if count else math.nan,
-        "accuracy": correct / max(1, count),
+        "loss": total / count if count else math.nan,
+        "accuracy": correct / max(1, scored),
         "lr": state.scheduler.get_last_lr()[0],
     }

@@ -22,11 +22,11 @@ from tqdm.auto import tqdm
 
 from examples.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, seed_everything, set_rng_state
 from examples.common.config import FinetuneConfig, ModelConfig, PretrainConfig
-from examples.common.evaluate import grouped_metrics, predict
-from examples.common.finetune import build_finetune, finetune_epoch
+from examples.common.finetune import build_finetune
 from examples.common.models import Classifier, ContrastiveModel, build_encoder
 from examples.common.pretrain import PRETRAIN_METHODS, build_pretrain, pretrain_epoch
 from examples.common.runlog import RunLogger, write_json
+from examples.common.task import SingleLabelTask, Task
 from mlcl_losses.degrade import mix_seed
 from mlcl_losses.views import collate_four_views
 
@@ -44,7 +44,7 @@ class PipelineData:
         views: four-view dataset for pre-training (``set_epoch``; items for ``collate_four_views``).
         train: fine-tuning dataset of ``(image, target, group)`` with ``set_epoch``.
         test: evaluation dataset of ``(image, target, group)``.
-        num_classes: number of classes.
+        num_classes: number of classes (of labels, for a multi-label task).
         group_names: names of the groups (EyeQ: Good, Usable, Reject).
     """
 
@@ -93,13 +93,16 @@ def run_pipeline(
     out_dir: str | Path,
     options: RunOptions,
     identity: dict[str, Any] | None = None,
+    task: Task | None = None,
 ) -> dict[str, Any] | None:
     """Run ``method`` and write ``OUT/metrics.json``; returns the metrics (``None`` when stopped early).
 
     Args:
         method: ``"ce"`` (no pre-training) or one of :data:`~examples.common.pretrain.PRETRAIN_METHODS`.
         identity: the full configuration; a resumed run must have the same one.
+        task: the fine-tuning loss, prediction and metrics (default :class:`~examples.common.task.SingleLabelTask`).
     """
+    task = task if task is not None else SingleLabelTask()
     if method not in METHODS:
         raise ValueError(f"Expected `method` in {METHODS}, but got {method!r}")
     out = Path(out_dir)
@@ -202,7 +205,7 @@ def run_pipeline(
             data.train.set_epoch(epoch)
             loader = _loader(data.train, finetune_cfg.batch_size, True, mix_seed(seed, 2, epoch), options.num_workers)
             torch.manual_seed(mix_seed(seed, 21, epoch))
-            stats = finetune_epoch(
+            stats = task.finetune_epoch(
                 fine, loader, finetune_cfg, device, epoch, desc=f"{method} finetune {epoch + 1}/{finetune_cfg.epochs}"
             )
             log.scalars("finetune", epoch, fine.step, stats)
@@ -215,16 +218,14 @@ def run_pipeline(
         times["finetune_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         test_loader = _loader(data.test, 2 * finetune_cfg.batch_size, False, 0, options.num_workers)
-        probs, target, groups = predict(fine.model, test_loader, device, desc=f"{method} test")
-        metrics = grouped_metrics(probs, target, groups, data.group_names, data.num_classes)
+        probs, target, groups = task.predict(fine.model, test_loader, device, f"{method} test")
+        metrics = task.compute_metrics(probs, target, groups, data.group_names, data.num_classes)
         times["evaluate_s"] = time.perf_counter() - t0
         metrics["method"] = method
         metrics["seed"] = seed
         write_json(out / "metrics.json", metrics)
         write_json(out / "timing.json", times)
-        log.scalars(
-            "test", finetune_cfg.epochs, fine.step, {k: metrics[k] for k in ("accuracy", "kappa", "macro_f1", "auc")}
-        )
+        log.scalars("test", finetune_cfg.epochs, fine.step, {k: metrics[k] for k in task.metrics})
         return metrics
     finally:
         log.close()

@@ -19,7 +19,6 @@ boxes scaled alike; their degraded copies are drawn on the fly.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,8 +32,9 @@ from examples.common import datasets as ds
 from examples.common.config import ConfigError, check
 from examples.common.finetune import GradingDataset
 from examples.common.pipeline import PipelineData
+from examples.common.views import CachedImages, EpochFourViewDataset, SyntheticViewRecords, cap_boxes, render_cached
 from mlcl_losses.degrade import FundusDegradation, mix_seed
-from mlcl_losses.views import FourViewDataset, FourViewRecord, FourViewSampler
+from mlcl_losses.views import FourViewRecord, FourViewSampler
 
 __all__ = ["EyeQDataConfig", "RealEyeQConfig", "SyntheticConfig", "build_data"]
 
@@ -101,29 +101,6 @@ class EyeQDataConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# shared helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def cap_boxes(boxes: Tensor, max_lesions: int, seed: int, epoch: int, index: int) -> Tensor:
-    """At most ``max_lesions`` of ``boxes (K, 4)``, a random subset drawn per ``(seed, epoch, index)``."""
-    if boxes.shape[0] <= max_lesions:
-        return boxes
-    g = torch.Generator().manual_seed(mix_seed(seed, 31, epoch, index))
-    keep = torch.randperm(boxes.shape[0], generator=g)[:max_lesions].sort().values
-    return boxes[keep]
-
-
-class EpochFourViewDataset(FourViewDataset):
-    """A :class:`FourViewDataset` whose records also see the epoch (lesion subsets, degraded copies)."""
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        if hasattr(self.records, "epoch"):
-            self.records.epoch = epoch  # type: ignore[attr-defined]
-
-
-# --------------------------------------------------------------------------------------------------
 # synthetic
 # --------------------------------------------------------------------------------------------------
 
@@ -160,66 +137,11 @@ def render_synthetic(
     n: int, size: int, seed: int, copies: int, severity: tuple[float, float], cache_dir: Path, workers: int
 ) -> dict[str, Any]:
     """Render (or read from the cache) ``n`` synthetic fundus samples as uint8 tensors."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
     sev = f"{severity[0]:g}-{severity[1]:g}" if copies else "none"
     path = cache_dir / f"fundus_v{CACHE_VERSION}_n{n}_s{size}_seed{seed}_c{copies}_sev{sev}.pt"
-    if path.exists():
-        try:
-            return torch.load(path, weights_only=True)
-        except Exception as err:  # a corrupt cache file is re-rendered
-            logger.warning("re-rendering unreadable cache %s (%s)", path, err)
-    from tqdm.auto import tqdm
-
     jobs = [(n, size, seed, i, copies, severity) for i in range(n)]
     desc = f"rendering {n} synthetic fundus images ({size} px, cached in {cache_dir})"
-    if workers > 1:
-        ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
-        with ctx.Pool(workers) as pool:
-            items = list(tqdm(pool.imap(_render_one, jobs, chunksize=4), total=n, desc=desc, dynamic_ncols=True))
-    else:
-        items = [_render_one(j) for j in tqdm(jobs, desc=desc, dynamic_ncols=True)]
-    data: dict[str, Any] = {
-        "clean": torch.stack([it["clean"] for it in items]),
-        "image": torch.stack([it["image"] for it in items]),
-        "boxes": [it["boxes"] for it in items],
-        "grade": torch.tensor([it["grade"] for it in items]),
-        "quality": torch.tensor([it["quality"] for it in items]),
-    }
-    if copies:
-        data["view_degraded"] = torch.stack([it["view_degraded"] for it in items], 1)  # (copies, N, 3, S, S)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)
-    return data
-
-
-class SyntheticViewRecords(Sequence[FourViewRecord]):
-    """Four-view records over a rendered synthetic set; epoch-dependent lesion subset and degraded copy."""
-
-    def __init__(self, data: dict[str, Any], max_lesions: int, seed: int) -> None:
-        self.data, self.max_lesions, self.seed, self.epoch = data, max_lesions, seed, 0
-
-    def __len__(self) -> int:
-        return int(self.data["clean"].shape[0])
-
-    def __getitem__(self, i: int) -> FourViewRecord:  # type: ignore[override]
-        copies = self.data["view_degraded"]
-        return FourViewRecord(
-            image=self.data["clean"][i].float() / 255.0,
-            boxes=cap_boxes(self.data["boxes"][i], self.max_lesions, self.seed, self.epoch, i),
-            degraded=copies[self.epoch % copies.shape[0], i].float() / 255.0,
-            label=int(self.data["grade"][i]),
-            quality=int(self.data["quality"][i]),
-            image_id=i,
-        )
-
-
-class _CachedImages:
-    def __init__(self, images: Tensor) -> None:
-        self.images = images
-
-    def __call__(self, i: int) -> Tensor:
-        return self.images[i].float() / 255.0
+    return render_cached(path, _render_one, jobs, workers, desc)
 
 
 def _synthetic(cfg: Any, seed: int) -> PipelineData:
@@ -230,13 +152,13 @@ def _synthetic(cfg: Any, seed: int) -> PipelineData:
     train = render_synthetic(sc.n_train, size, sc.seed, sc.n_view_copies, severity, cache, sc.workers)  # type: ignore[arg-type]
     test = render_synthetic(sc.n_test, size, sc.seed + 1, 0, severity, cache, sc.workers)  # type: ignore[arg-type]
     sampler = FourViewSampler(patch_size=cfg.pretrain.patch_size, n_healthy=cfg.pretrain.n_healthy)
-    views = EpochFourViewDataset(SyntheticViewRecords(train, cfg.pretrain.max_lesions, seed), sampler, base_seed=seed)
+    views = EpochFourViewDataset(
+        SyntheticViewRecords(train, cfg.pretrain.max_lesions, seed, "grade"), sampler, base_seed=seed
+    )
     train_ds = GradingDataset(
-        _CachedImages(train["image"]), train["grade"].tolist(), train["quality"].tolist(), cfg.finetune.augment, seed
+        CachedImages(train["image"]), train["grade"].tolist(), train["quality"].tolist(), cfg.finetune.augment, seed
     )
-    test_ds = GradingDataset(
-        _CachedImages(test["image"]), test["grade"].tolist(), test["quality"].tolist(), False, seed
-    )
+    test_ds = GradingDataset(CachedImages(test["image"]), test["grade"].tolist(), test["quality"].tolist(), False, seed)
     return PipelineData(views, train_ds, test_ds, NUM_GRADES, QUALITY_NAMES)
 
 

@@ -9,40 +9,24 @@ from pathlib import Path
 import pytest
 import torch
 from examples.chestxray.data import LABELS, image_quality
-from examples.chestxray.multilabel import multilabel_metrics, multilabel_task
 from examples.chestxray.train import main
-from examples.common import pipeline
+from examples.common.config import FinetuneConfig
 from examples.common.datasets import SplitBoxes, write_boxes_json
+from examples.common.evaluate import multilabel_metrics
+from examples.common.task import MultiLabelTask
 from PIL import Image
+from pipeline_helpers import read_metrics, run_tiny
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "chestxray" / "configs" / "tiny.yaml"
 METRIC_KEYS = {"mean_auc", "per_label_auc", "per_quality"}
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("synthetic_chest_cache")
-
-
 def _run(out: Path, cache: Path, *extra: str) -> int:
-    return main(
-        [
-            "--config",
-            str(TINY),
-            "--out",
-            str(out),
-            "--set",
-            f"data.synthetic.cache_dir={cache}",
-            "--set",
-            "run.tensorboard=false",
-            *extra,
-        ]
-    )
+    return run_tiny(main, TINY, out, cache, *extra)
 
 
-def _metrics(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())
+_metrics = read_metrics
 
 
 def _check_metrics(m: dict) -> None:
@@ -73,19 +57,18 @@ def test_multilabel_metrics_skip_absent_labels() -> None:
         multilabel_metrics(probs[:, :2], target[:, :2], names)
 
 
-def test_multilabel_task_restores_hooks() -> None:
-    before = (pipeline.finetune_epoch, pipeline.predict, pipeline.grouped_metrics)
-    with multilabel_task(LABELS):
-        assert pipeline.predict is not before[1]
-    assert (pipeline.finetune_epoch, pipeline.predict, pipeline.grouped_metrics) == before
-
-    def interrupted() -> None:
-        with multilabel_task(LABELS):
-            raise RuntimeError("stop")
-
-    with pytest.raises(RuntimeError, match="stop"):
-        interrupted()
-    assert (pipeline.finetune_epoch, pipeline.predict, pipeline.grouped_metrics) == before
+def test_multilabel_task_loss_and_accuracy() -> None:
+    task = MultiLabelTask(["a", "b"], torch.tensor([2.0, 1.0]))
+    logits = torch.tensor([[1.0, -1.0], [-2.0, 0.5]])
+    target = task.prepare_target(torch.tensor([[1, 0], [1, 1]]))
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor([2.0, 1.0]))
+    cfg = FinetuneConfig()
+    torch.testing.assert_close(task.loss(logits, target, cfg), expected)
+    assert task.correct(logits, target) == (3, 4)
+    torch.testing.assert_close(task.activation(logits), torch.sigmoid(logits))
+    assert task.plot.ylabel == "mean AUC over the 2 labels"
+    with pytest.raises(ValueError, match="pos_weight"):
+        MultiLabelTask(["a", "b"], torch.ones(3))
 
 
 # ---------------------------------------------------------------- synthetic pipeline

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from examples.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
-from examples.common.compare import aggregate, markdown_table, plot_kappa
+from examples.common.compare import aggregate, markdown_table, plot_groups
 from examples.common.config import (
     ConfigError,
     FinetuneConfig,
@@ -206,7 +206,7 @@ def test_compare_aggregate_table_plot(tmp_path: Path) -> None:
     table = markdown_table(results, groups)
     assert "CoMCL (full)" in table
     assert "0.600 ± 0.141" in table
-    plot_kappa(results, groups, tmp_path / "k.png")
+    plot_groups(results, groups, tmp_path / "k.png")
     assert (tmp_path / "k.png").stat().st_size > 1000
 
 

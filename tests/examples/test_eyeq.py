@@ -11,35 +11,18 @@ import torch
 from examples.common.datasets import SplitBoxes, write_boxes_json
 from examples.eyeq.train import main
 from PIL import Image
+from pipeline_helpers import read_metrics, run_tiny
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "eyeq" / "configs" / "tiny.yaml"
 METRIC_KEYS = {"accuracy", "kappa", "macro_f1", "auc"}
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("synthetic_cache")
-
-
 def _run(out: Path, cache: Path, *extra: str) -> int:
-    return main(
-        [
-            "--config",
-            str(TINY),
-            "--out",
-            str(out),
-            "--set",
-            f"data.synthetic.cache_dir={cache}",
-            "--set",
-            "run.tensorboard=false",
-            *extra,
-        ]
-    )
+    return run_tiny(main, TINY, out, cache, *extra)
 
 
-def _metrics(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())
+_metrics = read_metrics
 
 
 def _check_metrics(m: dict) -> None:

@@ -1,0 +1,223 @@
+"""The command line both pipelines share: run settings, the argument parser and the run / compare driver.
+
+A pipeline's ``train.py`` describes itself with a :class:`PipelineCLI` (its config class, data, task
+and names) and calls :func:`main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from examples.common.checkpoint import CheckpointError
+from examples.common.compare import COMPARE_METHODS
+from examples.common.config import ConfigError, check, config_to_dict, load_config
+
+__all__ = ["METHOD_CHOICES", "PipelineCLI", "RunConfig", "build_parser", "cached_or_run", "main"]
+
+METHOD_CHOICES = COMPARE_METHODS
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class RunConfig:
+    """Run-time settings (the ``run`` section; not part of the experiment's identity)."""
+
+    method: str = "comcl"
+    seed: int = 0
+    device: str = "cpu"
+    num_workers: int = 0
+    torch_threads: int | None = None
+    tensorboard: bool = True
+    out: str = "runs/eyeq"
+
+    def validate(self, key: str) -> None:
+        check(self.method in METHOD_CHOICES, f"{key}.method", f"one of {METHOD_CHOICES}", self.method)
+        check(self.num_workers >= 0, f"{key}.num_workers", "an int >= 0", self.num_workers)
+        check(
+            self.torch_threads is None or self.torch_threads >= 1,
+            f"{key}.torch_threads",
+            "null or an int >= 1",
+            self.torch_threads,
+        )
+        check(
+            self.device == "cpu" or self.device.startswith(("cuda", "mps")),
+            f"{key}.device",
+            "cpu, cuda, cuda:N or mps",
+            self.device,
+        )
+
+
+@dataclass
+class PipelineCLI:
+    """What differs between the pipelines' command lines.
+
+    Attributes:
+        prog: program name in the usage line.
+        description: ``--help`` description.
+        name: dataset name in comparison titles (``"EyeQ"``).
+        config_cls: the whole configuration (sections ``data``, ``model``, ``pretrain``, ``finetune``, ``run``).
+        default_config: YAML file read without ``--config``.
+        group_names: the groups of ``per_quality``, in order (e.g. Good, Usable, Reject).
+        build_data: ``(cfg, seed, args) -> PipelineData``.
+        make_task: ``(cfg, data) -> Task``; ``data`` is ``None`` for the task that prints summaries.
+        identity: extra entries of the run's identity (checkpoint fingerprint).
+        add_arguments: adds pipeline-specific options to the parser.
+    """
+
+    prog: str
+    description: str
+    name: str
+    config_cls: type
+    default_config: Path
+    group_names: Sequence[str]
+    build_data: Callable[[Any, int, argparse.Namespace], Any]
+    make_task: Callable[[Any, Any], Any]
+    identity: dict[str, Any] = field(default_factory=dict)
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+def build_parser(spec: PipelineCLI) -> argparse.ArgumentParser:
+    """The shared options (``--config``, ``--set``, ``--out``, ``--method``, ``--seed``, ``--resume``, ...)."""
+    try:
+        shown = spec.default_config.relative_to(REPO)
+    except ValueError:
+        shown = spec.default_config
+    p = argparse.ArgumentParser(prog=spec.prog, description=spec.description)
+    p.add_argument("--config", type=Path, default=None, help=f"YAML config (default: {shown})")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable), e.g. --set pretrain.epochs=3",
+    )
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: run.out of the config)")
+    p.add_argument(
+        "--method", choices=METHOD_CHOICES, default=None, help="method of a single run (default: run.method)"
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed (default: run.seed)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from OUT/checkpoint.pt (with --compare: skip finished runs)"
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="train every method with the same budget and seed(s); write compare.json/.md/.png",
+    )
+    p.add_argument("--methods", default=",".join(METHOD_CHOICES), help="comma-separated methods for --compare")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...); reports mean ± std")
+    if spec.add_arguments is not None:
+        spec.add_arguments(p)
+    p.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)  # tests: interruption
+    return p
+
+
+def main(spec: PipelineCLI, argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run; exit status 2 with a one-line message on a configuration or data error."""
+    args = build_parser(spec).parse_args(argv)
+    try:
+        return _main(spec, args)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(spec: PipelineCLI, args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.method:
+        overrides.append(f"run.method={args.method}")
+    if args.seed is not None:
+        overrides.append(f"run.seed={args.seed}")
+    cfg = load_config(spec.config_cls, args.config or spec.default_config, overrides)
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds: expected an int >= 1, got {args.seeds}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHOD_CHOICES]
+    if bad or not methods:
+        raise ConfigError(f"--methods: expected a comma-separated subset of {METHOD_CHOICES}, got {args.methods!r}")
+
+    import torch
+
+    if cfg.run.torch_threads:
+        torch.set_num_threads(cfg.run.torch_threads)
+    if cfg.run.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"run.device: {cfg.run.device!r} requested but CUDA is not available")
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(cfg.run.device == "cpu", warn_only=True)
+    try:
+        return _run(spec, args, cfg, methods)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[str]) -> int:
+    import yaml
+
+    from examples.common.compare import run_comparison
+    from examples.common.pipeline import RunOptions, run_pipeline
+    from examples.common.runlog import write_json
+
+    out = args.out or Path(cfg.run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    identity = config_to_dict(cfg)
+    identity.pop("run")
+    identity.update(spec.identity)
+    groups = [q.lower() for q in spec.group_names]
+    data_cache: dict[int, Any] = {}
+    task = spec.make_task(cfg, None)  # the task of the summaries (pos_weight etc. are set per run)
+
+    def run_one(method: str, seed: int, run_dir: Path, resume: bool, stop: int | None = None) -> dict[str, Any] | None:
+        if seed not in data_cache:
+            data_cache.clear()
+            data_cache[seed] = spec.build_data(cfg, seed, args)
+        data = data_cache[seed]
+        options = RunOptions(seed, cfg.run.device, cfg.run.num_workers, cfg.run.tensorboard, resume, stop)
+        run_task = spec.make_task(cfg, data)
+        return run_pipeline(
+            method, cfg.model, cfg.pretrain, cfg.finetune, data, run_dir, options, identity, task=run_task
+        )
+
+    def cached(m: str, s: int, d: Path) -> dict[str, Any]:
+        return cached_or_run(run_one, m, s, d, args.resume)
+
+    start = time.perf_counter()
+    seeds = [cfg.run.seed + i for i in range(args.seeds)]
+    if not args.compare:
+        if len(seeds) == 1:
+            metrics = run_one(cfg.run.method, seeds[0], out, args.resume, args.stop_after_epochs)
+            if metrics is None:
+                print(f"stopped after {args.stop_after_epochs} epoch(s); continue with --resume --out {out}")
+                return 0
+            print(task.summary(metrics, groups))
+        else:
+            results = run_comparison(cached, [cfg.run.method], seeds, out, groups, task=task)
+            print(task.summary(results[cfg.run.method], groups))
+    else:
+        title = f"{spec.name} ({cfg.data.source}), {len(seeds)} seed(s)"
+        run_comparison(cached, methods, seeds, out, groups, title, task)
+        print((out / "compare.md").read_text(encoding="utf-8"))
+        print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / task.plot.filename}")
+    write_json(out / "run_time.json", {"wall_s": time.perf_counter() - start})
+    print(f"done in {time.perf_counter() - start:.0f} s; results in {out}")
+    return 0
+
+
+def cached_or_run(
+    run_one: Callable[..., dict[str, Any] | None], method: str, seed: int, run_dir: Path, resume: bool
+) -> dict[str, Any]:
+    """With ``resume``, reuse a finished run's ``metrics.json``, or resume its checkpoint; else run."""
+    if resume and (run_dir / "metrics.json").is_file():
+        return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    metrics = run_one(method, seed, run_dir, resume and (run_dir / "checkpoint.pt").is_file())
+    if metrics is None:  # pragma: no cover - only --stop-after-epochs stops a run early
+        raise RuntimeError(f"run {run_dir} stopped before evaluation")
+    return metrics
