@@ -6,6 +6,7 @@ import runpy
 import sys
 import zlib
 from pathlib import Path
+from typing import Any
 
 DOCS = Path(__file__).resolve().parent
 sys.path.insert(0, str(DOCS.parent / "src"))
@@ -71,6 +72,7 @@ _OFFLINE = {
             ("typing.NamedTuple", "py:function", "library/typing.html#typing.NamedTuple"),
             ("enum.IntEnum", "py:class", "library/enum.html#enum.IntEnum"),
             ("logging", "py:module", "library/logging.html"),
+            ("os.PathLike", "py:class", "library/os.html#os.PathLike"),
         ],
     ),
     "torch": (
@@ -84,12 +86,49 @@ _OFFLINE = {
             ("torch.Size", "py:class", "size.html#torch.Size"),
             ("torch.as_tensor", "py:function", "generated/torch.as_tensor.html#torch.as_tensor"),
             ("torch.load", "py:function", "generated/torch.load.html#torch.load"),
+            (
+                "torch.nn.Module.state_dict",
+                "py:method",
+                "generated/torch.nn.Module.html#torch.nn.Module.state_dict",
+            ),
+            (
+                "torch.nn.Module.load_state_dict",
+                "py:method",
+                "generated/torch.nn.Module.html#torch.nn.Module.load_state_dict",
+            ),
+            ("torch.distributed", "py:module", "distributed.html#module-torch.distributed"),
+            (
+                "torch.distributed.init_process_group",
+                "py:function",
+                "distributed.html#torch.distributed.init_process_group",
+            ),
+            ("torch.distributed.all_gather", "py:function", "distributed.html#torch.distributed.all_gather"),
+            ("torch.distributed.ProcessGroup", "py:class", "distributed.html#torch.distributed.ProcessGroup"),
+            (
+                "torch.distributed.nn.functional.all_gather",
+                "py:function",
+                "distributed.html#torch.distributed.nn.functional.all_gather",
+            ),
             ("torch.utils.data.Dataset", "py:class", "data.html#torch.utils.data.Dataset"),
         ],
     ),
     "numpy": (
         "https://numpy.org/doc/stable/",
         [("numpy.ndarray", "py:class", "reference/generated/numpy.ndarray.html#numpy.ndarray")],
+    ),
+    # PML's documentation is MkDocs (no Sphinx inventory): one anchor per class heading.
+    "pytorch_metric_learning": (
+        "https://kevinmusgrave.github.io/pytorch-metric-learning/",
+        [
+            (
+                "pytorch_metric_learning.losses.BaseMetricLossFunction",
+                "py:class",
+                "losses/#basemetriclossfunction",
+            ),
+            ("pytorch_metric_learning.losses.CrossBatchMemory", "py:class", "losses/#crossbatchmemory"),
+            ("pytorch_metric_learning.miners.BaseMiner", "py:class", "miners/#baseminer"),
+            ("pytorch_metric_learning.reducers.BaseReducer", "py:class", "reducers/#basereducer"),
+        ],
     ),
 }
 
@@ -109,6 +148,37 @@ for _name, (_url, _entries) in _OFFLINE.items():
     _write_inventory(_path, _name, _entries)
     intersphinx_mapping[_name] = (_url, (str(_path),))
 intersphinx_timeout = 5
+
+# --------------------------------------------------------------------------- nitpicky refs
+# Autodoc writes some external classes under their private defining module (the bases of
+# the PML adapters, ``torch._C.Generator`` from ``torch.Generator``'s ``__module__``) or
+# as the bare name of a string annotation it could not evaluate (``Tensor``). Send those
+# to the public name documented in the inventories above.
+_PUBLIC_NAMES = {
+    "torch._C.Generator": "torch.Generator",
+    "torch.nn.modules.module.Module": "torch.nn.Module",
+    "torch.utils.data.dataset.Dataset": "torch.utils.data.Dataset",
+    "Tensor": "torch.Tensor",
+    "pytorch_metric_learning.losses.base_metric_loss_function.BaseMetricLossFunction": (
+        "pytorch_metric_learning.losses.BaseMetricLossFunction"
+    ),
+    "pytorch_metric_learning.losses.cross_batch_memory.CrossBatchMemory": (
+        "pytorch_metric_learning.losses.CrossBatchMemory"
+    ),
+    "pytorch_metric_learning.miners.base_miner.BaseMiner": "pytorch_metric_learning.miners.BaseMiner",
+    "pytorch_metric_learning.reducers.base_reducer.BaseReducer": "pytorch_metric_learning.reducers.BaseReducer",
+}
+
+
+def _to_public_name(app: Any, env: Any, node: Any, contnode: Any) -> None:
+    """Rewrite a private target to its public name; intersphinx then resolves it."""
+    if node.get("refdomain") == "py" and node.get("reftarget") in _PUBLIC_NAMES:
+        node["reftarget"] = _PUBLIC_NAMES[node["reftarget"]]
+
+
+def setup(app: Any) -> None:
+    app.connect("missing-reference", _to_public_name, priority=100)
+
 
 # --------------------------------------------------------------------------- figures
 # Figures are drawn by the scripts in docs/scripts (never pasted): run them on every build.

@@ -30,6 +30,12 @@ Every function here raises :class:`RuntimeError` when no process group is initia
 :func:`torch.distributed.init_process_group` first), except :func:`offset_ids_by_rank` with an
 explicit ``rank`` and ``world_size``.
 
+.. py:type:: ProcessGroup
+   :canonical: typing.Any
+
+   A :class:`torch.distributed.ProcessGroup`, or ``None`` for the default (WORLD) group
+   (type alias).
+
 Examples:
     >>> from mlcl_losses.tags import ViewTags
     >>> tags = ViewTags(kind=[1, 0], quality=[0, 0], source=[0, 1], image=[0, 0])
@@ -457,7 +463,10 @@ class DistributedHardNegativeIndex(nn.Module):
         self.group = group
 
     def add(self, embeddings: Tensor, tags: ViewTags) -> None:
-        """Add this rank's keys to its own shard (no communication; see :meth:`HardNegativeIndex.add`)."""
+        """Add this rank's keys to its own shard.
+
+        No communication; see :meth:`~mlcl_losses.index.HardNegativeIndex.add`.
+        """
         self.shard.add(embeddings, tags)
 
     def global_len(self) -> int:
@@ -487,7 +496,7 @@ class DistributedHardNegativeIndex(nn.Module):
                 results of its own rows); with ``replicated=True`` every rank passes the *same*
                 queries (e.g. a gathered batch) and no queries are communicated.
             k: hits per query, ``1 <= k <= capacity`` of every shard.
-            negatives: which entries may be returned, as in :meth:`HardNegativeIndex.search`.
+            negatives: which entries may be returned, as in :meth:`~mlcl_losses.index.HardNegativeIndex.search`.
             exclude_source: ``(N,)`` int64 or None, aligned with ``queries``: never return the query's source.
             exclude_image: likewise for the image.
             exclude_label: likewise for the label.

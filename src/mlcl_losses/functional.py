@@ -33,6 +33,18 @@ https://arxiv.org/abs/2010.04592, ``beta``). With :math:`|N(i)|` negatives,
           \; |N(i)| e^{-1/\tau} \Big)
 
 replaces :math:`\sum_n w_{in} e^{s_{in}}`. ``tau_plus=0, beta=0`` is the plain loss.
+
+Type aliases of the signatures:
+
+.. py:type:: Denominator
+   :canonical: typing.Literal['pos_neg', 'all']
+
+   The ``denominator`` option: ``"pos_neg"`` (InfoNCE) or ``"all"`` (SupCon).
+
+.. py:type:: Impl
+   :canonical: typing.Literal['auto', 'fused', 'reference']
+
+   The ``impl`` option: the fused kernel, the reference implementation or ``"auto"``.
 """
 
 from __future__ import annotations
@@ -61,7 +73,7 @@ _REDUCTIONS: tuple[str, ...] = ("mean", "none")
 Impl = Literal["auto", "fused", "reference"]
 _IMPLS: tuple[str, ...] = ("auto", "fused", "reference")
 
-#: A negative weighting: ``fn(hardness, mask) -> weights``. ``hardness`` is the
+#: A negative weighting ``fn(hardness, mask) -> weights``, where ``hardness`` is the
 #: ``(N, C)`` anchor–candidate cosine similarity (detached), ``mask`` the ``(N, C)``
 #: bool negative mask of the level; the weights ``(N, C)`` multiply each negative's
 #: exponential term. :class:`~mlcl_losses.self_paced.SelfPacedWeighting` is one.

@@ -51,9 +51,14 @@ Measured facts about FAISS and what the index does about them (2-core AMD EPYC V
 * **GPU indexes cannot overwrite in place.** A ``GpuIndexFlatIP`` only appends (``add``) and has
   no cheap in-place update, so a ring buffer would re-add the whole bank after every wrap-around.
   The GPU path therefore never builds a FAISS index: it calls ``faiss.knn_gpu`` (brute force,
-  ``bfKnn``) on the torch ring buffer through :mod:`faiss.contrib.torch_utils`, no copy.
+  ``bfKnn``) on the torch ring buffer through ``faiss.contrib.torch_utils``, no copy.
 * **FAISS GPU top-k is limited to** ``k <= 2048``. Searches (including the over-fetch of a
   filtered search) that need more than 2048 hits per query run on the exact torch path instead.
+
+.. py:type:: Backend
+   :canonical: typing.Literal['auto', 'torch', 'faiss']
+
+   The ``backend`` option (type alias).
 
 Examples:
     >>> import torch
@@ -105,13 +110,13 @@ _OMP_HINT_LOGGED = False
 
 
 class SearchResult(NamedTuple):
-    """Hits of :meth:`HardNegativeIndex.search`, best first.
+    """Hits of :meth:`~mlcl_losses.index.HardNegativeIndex.search`, best first.
 
     Attributes:
         similarities: ``(N, k)`` float32 inner products (cosine when the index normalises);
             ``-inf`` at padded positions.
-        indices: ``(N, k)`` int64 slot indices into :attr:`HardNegativeIndex.embeddings`;
-            ``-1`` at padded positions.
+        indices: ``(N, k)`` int64 slot indices into the ``embeddings`` buffer of
+            :class:`~mlcl_losses.index.HardNegativeIndex`; ``-1`` at padded positions.
         tags: ``(N, k)`` :class:`~mlcl_losses.tags.ViewTags` of the hits; every field is ``-1``
             at padded positions (built with ``validate=False``).
     """
@@ -463,7 +468,7 @@ class HardNegativeIndex(nn.Module):
         ivf_nlist: FAISS CPU only: search an ``IndexIVFFlat`` with this many lists instead of
             exact search (approximate; for banks of millions). Trained on the bank at the first
             search with at least ``39 * ivf_nlist`` entries (exact search until then) and retrained
-            after :meth:`reset` / :meth:`load_state_dict`. Keeps its own copy of the bank.
+            after :meth:`reset` / :meth:`~torch.nn.Module.load_state_dict`. Keeps its own copy of the bank.
         nprobe: IVF lists probed per query.
         chunk_size: torch backend: bank rows per ``matmul`` block (default: about 64 MiB of
             similarities per block).

@@ -250,7 +250,7 @@ def bank_negative_mask(tags: ViewTags, bank_tags: ViewTags, level: Level) -> Ten
     Args:
         tags: ``(N,)`` tags of the batch.
         bank_tags: ``(M,)`` tags of a bank shared by all anchors, or ``(N, k)`` tags of
-            per-anchor candidates (e.g. the hits of :meth:`HardNegativeIndex.search`).
+            per-anchor candidates (e.g. the hits of :meth:`~mlcl_losses.index.HardNegativeIndex.search`).
         level: the level.
 
     Returns:

@@ -1,4 +1,11 @@
-"""``MultiLevelContrastiveLoss``: the levels, self-paced weighting and a hard-negative index in one module."""
+"""``MultiLevelContrastiveLoss``: the levels, self-paced weighting and a hard-negative index in one module.
+
+.. py:type:: Weighting
+   :canonical: SelfPacedWeighting | Mapping[str, SelfPacedWeighting] | None
+
+   The ``weighting`` option: one weighting for every level, one per level name, or none
+   (type alias).
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """pytorch-metric-learning adapters: a loss, a miner, a cross-batch memory and a self-paced reducer.
 
 PML passes one integer label per embedding; here that label is the packed
-:class:`~mlcl_losses.tags.ViewTags` (:meth:`ViewTags.pack`)::
+:class:`~mlcl_losses.tags.ViewTags` (:meth:`~mlcl_losses.tags.ViewTags.pack`)::
 
     loss_fn = MultiLevelInfoNCELoss(comcl_levels(), temperature=0.1)
     loss = loss_fn(embeddings, tags.pack())

@@ -53,6 +53,23 @@ the hardness dtype before comparing.
 Links: Kumar et al. https://papers.nips.cc/paper/3923-self-paced-learning-for-latent-variable-models ;
 Jiang et al. https://doi.org/10.1145/2647868.2654918 ;
 Zhao et al. https://doi.org/10.1609/aaai.v29i1.9584 .
+
+Type aliases of the signatures:
+
+.. py:type:: Regularizer
+   :canonical: typing.Literal['hard', 'linear', 'log', 'mixture']
+
+   The self-paced regulariser.
+
+.. py:type:: Target
+   :canonical: typing.Literal['negatives', 'anchors']
+
+   What is weighted: the negatives of each anchor or the anchors.
+
+.. py:type:: Hardness
+   :canonical: typing.Literal['similarity', 'loss']
+
+   How hardness is measured.
 """
 
 from __future__ import annotations
@@ -346,7 +363,7 @@ class SelfPacedWeighting(nn.Module):
     Call it as ``spl(hardness, mask=None, step=None)``: ``mask`` (bool, same shape) marks the
     candidates (a quantile schedule picks :math:`\lambda` among them; weights outside the
     mask are still returned). ``step()`` advances the pace. The schedule state is part of
-    :meth:`state_dict` (loadable with ``torch.load(..., weights_only=True)``).
+    :meth:`~torch.nn.Module.state_dict` (loadable with ``torch.load(..., weights_only=True)``).
 
     Examples:
         >>> spl = SelfPacedWeighting("linear", PaceSchedule.linear(start=0.2, end=1.0, steps=10))
@@ -434,11 +451,11 @@ class SelfPacedWeighting(nn.Module):
         self.schedule.advance(n)
 
     def get_extra_state(self) -> dict[str, Any]:
-        """Schedule state, saved inside :meth:`state_dict`."""
+        """Schedule state, saved inside :meth:`~torch.nn.Module.state_dict`."""
         return self.schedule.state_dict()
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore the schedule state from :meth:`state_dict`."""
+        """Restore the schedule state from :meth:`~torch.nn.Module.state_dict`."""
         self.schedule.load_state_dict(state)
 
     def extra_repr(self) -> str:

@@ -5,15 +5,15 @@ Every embedding that enters a loss carries five integer tags (DESIGN.md §2):
 ============  =========================================================  ==========
 tag           meaning                                                    required
 ============  =========================================================  ==========
-``kind``      :data:`Kind.LESION` or :data:`Kind.HEALTHY`                yes
-``quality``   :data:`Quality.HIGH` or :data:`Quality.LOW`                yes
+``kind``      :attr:`Kind.LESION` or :attr:`Kind.HEALTHY`                yes
+``quality``   :attr:`Quality.HIGH` or :attr:`Quality.LOW`                yes
 ``source``    id of the patch a view was cut from (V1a, V1b, V2 share)   yes
 ``label``     disease grade / class id                                   no
 ``image``     id of the image the patch came from                        no
 ============  =========================================================  ==========
 
 PyTorch-metric-learning passes one integer label per embedding, so the tags
-pack invertibly into one non-negative ``int64`` (:meth:`ViewTags.pack`).
+pack invertibly into one non-negative ``int64`` (:meth:`~mlcl_losses.tags.ViewTags.pack`).
 """
 
 from __future__ import annotations
@@ -32,14 +32,18 @@ __all__ = ["Kind", "Quality", "ViewTags"]
 class Kind(enum.IntEnum):
     """Content of a patch."""
 
+    #: A patch of healthy tissue.
     HEALTHY = 0
+    #: A patch centred on a lesion.
     LESION = 1
 
 
 class Quality(enum.IntEnum):
     """Image quality a patch was cut from."""
 
+    #: Cut from a high-quality image.
     HIGH = 0
+    #: Cut from a low-quality (degraded) image.
     LOW = 1
 
 
@@ -77,8 +81,10 @@ class ViewTags:
     """Tags of a batch of embeddings, one entry per embedding.
 
     Args:
-        kind: ``(N,)`` int64, :data:`Kind.LESION` (1) or :data:`Kind.HEALTHY` (0).
-        quality: ``(N,)`` int64, :data:`Quality.HIGH` (0) or :data:`Quality.LOW` (1).
+        kind: ``(N,)`` int64, :attr:`~mlcl_losses.tags.Kind.LESION` (1) or
+            :attr:`~mlcl_losses.tags.Kind.HEALTHY` (0).
+        quality: ``(N,)`` int64, :attr:`~mlcl_losses.tags.Quality.HIGH` (0) or
+            :attr:`~mlcl_losses.tags.Quality.LOW` (1).
         source: ``(N,)`` int64 >= 0, id of the patch each view was cut from.
         label: ``(N,)`` int64 >= 0 or ``None``, disease grade or class.
         image: ``(N,)`` int64 >= 0 or ``None``, id of the source image; patches of

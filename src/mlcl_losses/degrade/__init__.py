@@ -5,6 +5,18 @@ All degradations take ``(C, H, W)`` or ``(B, C, H, W)`` float tensors in [0, 1],
 input give the same output. :class:`FundusDegradation` and :class:`XrayDegradation` are
 callables to hand to :class:`~mlcl_losses.views.FourViewSampler` as "the degradation to apply".
 
+.. py:data:: FUNDUS_KINDS
+
+   Shen et al.'s three fundus degradation kinds, in the order they are applied.
+
+.. py:data:: FUNDUS_COMBINATIONS
+
+   The seven non-empty subsets of :data:`FUNDUS_KINDS` (Shen et al.'s degradation types).
+
+.. py:data:: XRAY_KINDS
+
+   Every X-ray degradation kind, in the order they are applied.
+
 Examples:
     >>> import torch
     >>> from mlcl_losses.degrade import degrade_fundus

@@ -11,7 +11,7 @@ degradation, applied in this order:
 * **spot** (retinal artefacts): bright, blurred spots of dust or reflections;
 * **blur** (defocus, media opacity): a Gaussian blur plus slight sensor noise.
 
-Their subsets give the seven combinations of the paper (:data:`FUNDUS_COMBINATIONS`).
+Their subsets give the seven combinations of the paper (:data:`~mlcl_losses.degrade.FUNDUS_COMBINATIONS`).
 Every random parameter is drawn whatever the severity and then scaled by it, so for a
 fixed seed the degradation grows continuously with ``severity`` and is the identity at 0.
 Pixels outside the circular field of view (FOV) are never changed.
@@ -56,8 +56,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FundusKind = Literal["illumination", "spot", "blur"]
+#: Shen et al.'s three fundus degradation kinds, in the order they are applied.
 FUNDUS_KINDS: tuple[FundusKind, ...] = ("illumination", "spot", "blur")
-#: The seven non-empty subsets of :data:`FUNDUS_KINDS` (Shen et al.'s degradation types).
+#: The seven non-empty subsets of :data:`~mlcl_losses.degrade.FUNDUS_KINDS` (Shen et al.'s degradation types).
 FUNDUS_COMBINATIONS: tuple[tuple[FundusKind, ...], ...] = tuple(
     combo for r in (1, 2, 3) for combo in itertools.combinations(FUNDUS_KINDS, r)
 )
@@ -274,7 +275,7 @@ class FundusDegradation:
     Args:
         severity: a float in [0, 1], or a range ``(low, high)`` drawn uniformly per image.
         kinds: subset of ``("illumination", "spot", "blur")``, or ``"random"`` to draw one of
-            the seven combinations (:data:`FUNDUS_COMBINATIONS`) per image.
+            the seven combinations (:data:`~mlcl_losses.degrade.FUNDUS_COMBINATIONS`) per image.
         fov: optional ``(H, W)`` bool field of view shared by all images.
 
     Examples:

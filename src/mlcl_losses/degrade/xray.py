@@ -50,6 +50,7 @@ __all__ = ["XRAY_KINDS", "XrayDegradation", "XrayKind", "degrade_xray", "jpeg_co
 logger = logging.getLogger(__name__)
 
 XrayKind = Literal["underexposure", "overexposure", "contrast", "grid", "blur", "stripes", "noise", "jpeg"]
+#: Every X-ray degradation kind, in the order they are applied.
 XRAY_KINDS: tuple[XrayKind, ...] = (
     "underexposure",
     "overexposure",
@@ -191,7 +192,8 @@ def degrade_xray(
     Args:
         image: ``(1, H, W)`` or ``(B, 1, H, W)`` float in [0, 1].
         severity: in [0, 1], one for all images or one per image; 0 is the identity.
-        kinds: non-empty subset of :data:`XRAY_KINDS` (see the module docstring), applied in that order.
+        kinds: non-empty subset of :data:`~mlcl_losses.degrade.XRAY_KINDS` (see the module docstring),
+            applied in that order.
         generator: source of randomness (CPU generator recommended).
         seed: alternative to ``generator``: seed of a fresh generator.
 
@@ -239,7 +241,7 @@ class XrayDegradation:
 
     Args:
         severity: a float in [0, 1], or a range ``(low, high)`` drawn uniformly per image.
-        kinds: subset of :data:`XRAY_KINDS`, or ``"random"`` to draw a non-empty subset per
+        kinds: subset of :data:`~mlcl_losses.degrade.XRAY_KINDS`, or ``"random"`` to draw a non-empty subset per
             image (each kind with probability 0.35, never under- and over-exposure together).
 
     Examples:

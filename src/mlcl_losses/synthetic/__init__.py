@@ -4,6 +4,14 @@ Both datasets are indexable sequences whose sample ``i`` depends only on ``(seed
 each sample holds the (possibly degraded) image, the clean image, lesion/finding boxes and
 an EyeQ-style quality label (0 Good, 1 Usable, 2 Reject). :func:`view_records` turns them
 into records for :class:`~mlcl_losses.views.FourViewDataset`.
+
+.. py:data:: FUNDUS_LESIONS
+
+   Lesion kind names; ``FundusSample.lesion_kinds`` holds indices into this tuple.
+
+.. py:data:: CHESTXRAY14_LABELS
+
+   The 14 ChestX-ray14 labels in the official order (``Data_Entry_2017.csv``).
 """
 
 from mlcl_losses.synthetic._records import ViewRecords, view_records

@@ -80,7 +80,7 @@ class FundusSample:
         clean_image: ``(3, S, S)`` float32 in [0, 1], the same image before degradation.
         fov: ``(1, S, S)`` bool field of view.
         boxes: ``(K, 4)`` float32 lesion boxes ``x1, y1, x2, y2`` in pixels (K = 0 for grade 0).
-        lesion_kinds: ``(K,)`` int64 indices into :data:`FUNDUS_LESIONS`.
+        lesion_kinds: ``(K,)`` int64 indices into :data:`~mlcl_losses.synthetic.FUNDUS_LESIONS`.
         grade: DR grade 0-4.
         quality: 0 Good, 1 Usable, 2 Reject.
         severity: degradation severity in [0, 1] used to make ``image``.
@@ -268,7 +268,7 @@ def render_fundus(size: int, grade: int, g: torch.Generator) -> tuple[Tensor, Te
 
     Returns:
         ``image (3, S, S)`` float32 in [0, 1], ``fov (1, S, S)`` bool, ``boxes (K, 4)`` float32
-        ``x1, y1, x2, y2``, ``lesion_kinds (K,)`` int64 indices into :data:`FUNDUS_LESIONS`.
+        ``x1, y1, x2, y2``, ``lesion_kinds (K,)`` int64 indices into :data:`~mlcl_losses.synthetic.FUNDUS_LESIONS`.
     """
     s = size
     scale = s / 256.0

@@ -2,7 +2,7 @@
 
 Each image shows the thorax (soft tissue, spine, clavicles, posterior ribs), two lung fields
 with vascular markings from the hila, the heart and the diaphragm domes, and 0-3 findings
-among the 14 ChestX-ray14 labels (:data:`CHESTXRAY14_LABELS`, official order). Localised
+among the 14 ChestX-ray14 labels (:data:`~mlcl_losses.synthetic.CHESTXRAY14_LABELS`, official order). Localised
 findings come with a box (``x1, y1, x2, y2`` pixels); diffuse ones (Edema, Emphysema,
 Fibrosis) with none. How each finding is drawn:
 
@@ -82,7 +82,7 @@ class ChestXraySample:
         index: index of the sample in its dataset.
         image: ``(1, S, S)`` float32 in [0, 1], degraded according to ``quality``.
         clean_image: ``(1, S, S)`` float32 in [0, 1], before degradation.
-        labels: ``(14,)`` float32 multi-hot over :data:`CHESTXRAY14_LABELS` (all 0 = No Finding).
+        labels: ``(14,)`` float32 multi-hot over :data:`~mlcl_losses.synthetic.CHESTXRAY14_LABELS` (all 0 = No Finding).
         boxes: ``(K, 4)`` float32 boxes ``x1, y1, x2, y2`` of the localised findings.
         box_labels: ``(K,)`` int64 label index of each box.
         quality: 0 Good, 1 Usable, 2 Reject.
@@ -199,7 +199,7 @@ def render_chest_xray(size: int, labels: Tensor, g: torch.Generator) -> tuple[Te
 
     Args:
         size: side ``S`` in pixels.
-        labels: ``(14,)`` multi-hot findings (:data:`CHESTXRAY14_LABELS` order).
+        labels: ``(14,)`` multi-hot findings (:data:`~mlcl_losses.synthetic.CHESTXRAY14_LABELS` order).
         g: source of randomness (CPU generator).
 
     Returns:
