@@ -38,7 +38,16 @@ from examples.common import datasets as ds
 from examples.common.config import ConfigError, check
 from examples.common.finetune import GradingDataset
 from examples.common.pipeline import PipelineData
-from examples.common.views import CachedImages, EpochFourViewDataset, SyntheticViewRecords, cap_boxes, render_cached
+from examples.common.views import (
+    CachedImages,
+    EpochFourViewDataset,
+    SyntheticViewRecords,
+    cap_boxes,
+    degraded_copies,
+    render_cached,
+    synthetic_cache_path,
+    to_uint8,
+)
 from mlcl_losses.degrade import XrayDegradation, mix_seed
 from mlcl_losses.views import FourViewDataset, FourViewRecord, FourViewSampler
 
@@ -144,10 +153,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "mlcl_losses" / "chestxray"
 
 
-def _u8(x: Tensor) -> Tensor:
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
 def _render_one(args: tuple[int, int, int, int, int, tuple[float, float]]) -> dict[str, Any]:
     from mlcl_losses.synthetic import SyntheticChestXray
 
@@ -155,19 +160,15 @@ def _render_one(args: tuple[int, int, int, int, int, tuple[float, float]]) -> di
     n, size, seed, index, copies, severity = args
     sample = SyntheticChestXray(n=n, size=size, seed=seed)[index]
     out = {
-        "clean": _u8(sample.clean_image),
-        "image": _u8(sample.image),
+        "clean": to_uint8(sample.clean_image),
+        "image": to_uint8(sample.image),
         "boxes": sample.boxes.clone().float().reshape(-1, 4),
         "labels": sample.labels.clone(),
         "quality": int(sample.quality),
     }
     if copies:
         degrade = XrayDegradation(severity=severity, kinds="random")
-        views = []
-        for c in range(copies):
-            g = torch.Generator().manual_seed(mix_seed(seed, 77, c, index))
-            views.append(_u8(degrade(sample.clean_image, generator=g)))
-        out["view_degraded"] = torch.stack(views)
+        out["view_degraded"] = degraded_copies(degrade, sample.clean_image, seed, index, copies)
     return out
 
 
@@ -175,8 +176,7 @@ def render_synthetic(
     n: int, size: int, seed: int, copies: int, severity: tuple[float, float], cache_dir: Path, workers: int
 ) -> dict[str, Any]:
     """Render (or read from the cache) ``n`` synthetic chest X-rays as uint8 ``(N, 1, S, S)`` tensors."""
-    sev = f"{severity[0]:g}-{severity[1]:g}" if copies else "none"
-    path = cache_dir / f"chest_v{CACHE_VERSION}_n{n}_s{size}_seed{seed}_c{copies}_sev{sev}.pt"
+    path = synthetic_cache_path(cache_dir, "chest", n, size, seed, copies, severity, CACHE_VERSION)
     jobs = [(n, size, seed, i, copies, severity) for i in range(n)]
     desc = f"rendering {n} synthetic chest X-rays ({size} px, cached in {cache_dir})"
     return render_cached(path, _render_one, jobs, workers, desc)

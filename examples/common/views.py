@@ -92,6 +92,28 @@ class SyntheticViewRecords(Sequence[FourViewRecord]):
         )
 
 
+def to_uint8(image: Tensor) -> Tensor:
+    """Float image in [0, 1] -> uint8 (0..255), as the synthetic caches store it."""
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def degraded_copies(degrade: Callable[..., Tensor], clean: Tensor, seed: int, index: int, copies: int) -> Tensor:
+    """``copies`` degraded versions of ``clean`` as uint8 ``(copies, C, H, W)``, seeded by ``(seed, copy, index)``."""
+    views = []
+    for c in range(copies):
+        g = torch.Generator().manual_seed(mix_seed(seed, 77, c, index))
+        views.append(to_uint8(degrade(clean, generator=g)))
+    return torch.stack(views)
+
+
+def synthetic_cache_path(
+    cache_dir: Path, prefix: str, n: int, size: int, seed: int, copies: int, severity: tuple[float, float], version: int
+) -> Path:
+    """The cache file of one synthetic set: every setting that changes its content is in the name."""
+    sev = f"{severity[0]:g}-{severity[1]:g}" if copies else "none"
+    return cache_dir / f"{prefix}_v{version}_n{n}_s{size}_seed{seed}_c{copies}_sev{sev}.pt"
+
+
 def render_cached(
     path: Path,
     render_one: Callable[[Any], dict[str, Any]],

@@ -32,8 +32,16 @@ from examples.common import datasets as ds
 from examples.common.config import ConfigError, check
 from examples.common.finetune import GradingDataset
 from examples.common.pipeline import PipelineData
-from examples.common.views import CachedImages, EpochFourViewDataset, SyntheticViewRecords, cap_boxes, render_cached
-from mlcl_losses.degrade import FundusDegradation, mix_seed
+from examples.common.views import (
+    CachedImages,
+    EpochFourViewDataset,
+    SyntheticViewRecords,
+    cap_boxes,
+    degraded_copies,
+    render_cached,
+    synthetic_cache_path,
+)
+from mlcl_losses.degrade import FundusDegradation
 from mlcl_losses.views import FourViewRecord, FourViewSampler
 
 __all__ = ["EyeQDataConfig", "RealEyeQConfig", "SyntheticConfig", "build_data"]
@@ -125,11 +133,7 @@ def _render_one(args: tuple[int, int, int, int, int, tuple[float, float]]) -> di
     }
     if copies:
         degrade = FundusDegradation(severity=severity, kinds="random", fov=sample.fov[0])
-        views = []
-        for c in range(copies):
-            g = torch.Generator().manual_seed(mix_seed(seed, 77, c, index))
-            views.append((degrade(sample.clean_image, generator=g) * 255).round().to(torch.uint8))
-        out["view_degraded"] = torch.stack(views)
+        out["view_degraded"] = degraded_copies(degrade, sample.clean_image, seed, index, copies)
     return out
 
 
@@ -137,8 +141,7 @@ def render_synthetic(
     n: int, size: int, seed: int, copies: int, severity: tuple[float, float], cache_dir: Path, workers: int
 ) -> dict[str, Any]:
     """Render (or read from the cache) ``n`` synthetic fundus samples as uint8 tensors."""
-    sev = f"{severity[0]:g}-{severity[1]:g}" if copies else "none"
-    path = cache_dir / f"fundus_v{CACHE_VERSION}_n{n}_s{size}_seed{seed}_c{copies}_sev{sev}.pt"
+    path = synthetic_cache_path(cache_dir, "fundus", n, size, seed, copies, severity, CACHE_VERSION)
     jobs = [(n, size, seed, i, copies, severity) for i in range(n)]
     desc = f"rendering {n} synthetic fundus images ({size} px, cached in {cache_dir})"
     return render_cached(path, _render_one, jobs, workers, desc)
