@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # FAISS and torch ship separate OpenMP pools (see index.py)
+if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 draws progress bars (read when tqdm loads)
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:

@@ -146,28 +146,35 @@ def _main(spec: PipelineCLI, args: argparse.Namespace) -> int:
 
     import torch
 
+    from examples.common import ddp
+
     if cfg.run.torch_threads:
         torch.set_num_threads(cfg.run.torch_threads)
     if cfg.run.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"run.device: {cfg.run.device!r} requested but CUDA is not available")
+    job, cfg.run.device = ddp.setup(cfg.run.device)  # under torchrun: join the job, take this rank's GPU
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     torch.use_deterministic_algorithms(cfg.run.device == "cpu", warn_only=True)
     try:
-        return _run(spec, args, cfg, methods)
+        return _run(spec, args, cfg, methods, job.is_main)
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        ddp.teardown()
 
 
-def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[str]) -> int:
+def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[str], is_main: bool = True) -> int:
     import yaml
 
+    from examples.common import ddp
     from examples.common.compare import run_comparison
     from examples.common.pipeline import RunOptions, run_pipeline
     from examples.common.runlog import write_json
 
     out = args.out or Path(cfg.run.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    say = print if is_main else (lambda *_args, **_kwargs: None)  # under torchrun rank 0 speaks and writes
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
     identity = config_to_dict(cfg)
     identity.pop("run")
     identity.update(spec.identity)
@@ -178,7 +185,8 @@ def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[st
     def run_one(method: str, seed: int, run_dir: Path, resume: bool, stop: int | None = None) -> dict[str, Any] | None:
         if seed not in data_cache:
             data_cache.clear()
-            data_cache[seed] = spec.build_data(cfg, seed, args)
+            with ddp.main_first():  # rank 0 renders and caches synthetic data, the others read the cache
+                data_cache[seed] = spec.build_data(cfg, seed, args)
         data = data_cache[seed]
         options = RunOptions(seed, cfg.run.device, cfg.run.num_workers, cfg.run.tensorboard, resume, stop)
         run_task = spec.make_task(cfg, data)
@@ -195,19 +203,21 @@ def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[st
         if len(seeds) == 1:
             metrics = run_one(cfg.run.method, seeds[0], out, args.resume, args.stop_after_epochs)
             if metrics is None:
-                print(f"stopped after {args.stop_after_epochs} epoch(s); continue with --resume --out {out}")
+                say(f"stopped after {args.stop_after_epochs} epoch(s); continue with --resume --out {out}")
                 return 0
-            print(task.summary(metrics, groups))
+            say(task.summary(metrics, groups))
         else:
-            results = run_comparison(cached, [cfg.run.method], seeds, out, groups, task=task)
-            print(task.summary(results[cfg.run.method], groups))
+            results = run_comparison(cached, [cfg.run.method], seeds, out, groups, task=task, write=is_main)
+            say(task.summary(results[cfg.run.method], groups))
     else:
         title = f"{spec.name} ({cfg.data.source}), {len(seeds)} seed(s)"
-        run_comparison(cached, methods, seeds, out, groups, title, task)
-        print((out / "compare.md").read_text(encoding="utf-8"))
-        print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / task.plot.filename}")
-    write_json(out / "run_time.json", {"wall_s": time.perf_counter() - start})
-    print(f"done in {time.perf_counter() - start:.0f} s; results in {out}")
+        run_comparison(cached, methods, seeds, out, groups, title, task, write=is_main)
+        if is_main:
+            print((out / "compare.md").read_text(encoding="utf-8"))
+            print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / task.plot.filename}")
+    if is_main:
+        write_json(out / "run_time.json", {"wall_s": time.perf_counter() - start})
+    say(f"done in {time.perf_counter() - start:.0f} s; results in {out}")
     return 0
 
 

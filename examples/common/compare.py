@@ -156,11 +156,13 @@ def run_comparison(
     groups: Sequence[str],
     title: str = "",
     task: Task | None = None,
+    write: bool = True,
 ) -> dict[str, Any]:
     """Run every method for every seed (``run_one(method, seed, run_dir)``) and write the summaries.
 
     Writes ``OUT/compare.json`` (method -> mean metrics, ``std``, per-seed ``runs``), ``OUT/compare.md``
     and the plot ``OUT/<task.plot.filename>``; rewritten after each run, so partial results are visible.
+    With ``write=False`` (ranks other than 0 of a multi-process run) nothing is written.
     """
     task = task if task is not None else SingleLabelTask()
     out = Path(out_dir)
@@ -170,7 +172,9 @@ def run_comparison(
         for seed in seeds:
             runs.append(run_one(method, seed, out / method / f"seed{seed}"))
             results[method] = aggregate(runs, groups, task)
-            write_json(out / "compare.json", results)
-            (out / "compare.md").write_text(markdown_table(results, groups, task), encoding="utf-8")
-    plot_groups(results, groups, out / task.plot.filename, task, title)
+            if write:
+                write_json(out / "compare.json", results)
+                (out / "compare.md").write_text(markdown_table(results, groups, task), encoding="utf-8")
+    if write:
+        plot_groups(results, groups, out / task.plot.filename, task, title)
     return results

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from examples.common import ddp
 from examples.common.config import FinetuneConfig
 from examples.common.models import Classifier
 from examples.common.pretrain import build_optimizer
@@ -151,6 +152,7 @@ def finetune_epoch(
         loss = loss_fn(logits, target, cfg)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        ddp.average_gradients(state.model)
         state.optimizer.step()
         state.scheduler.step()
         state.step += 1

@@ -4,6 +4,10 @@ Checkpoints are written atomically after every epoch to ``OUT/checkpoint.pt`` (m
 LR schedules, the hard-negative index, the self-paced pace, RNG states). With ``resume=True`` the run
 continues from it; every epoch draws its randomness from ``(seed, stage, epoch)`` and the checkpoint
 restores all state, so the final metrics equal those of an uninterrupted run (on the same machine).
+
+Under ``torchrun`` the same function runs on every rank (see :mod:`examples.common.ddp`): each rank
+loads its shard of every global batch, gradients are averaged, rank 0 writes the files, and the
+metrics are those of the whole test set.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from examples.common import ddp
 from examples.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, seed_everything, set_rng_state
 from examples.common.config import FinetuneConfig, ModelConfig, PretrainConfig
 from examples.common.finetune import build_finetune
@@ -67,17 +73,45 @@ class RunOptions:
     stop_after_epochs: int | None = None  # simulate an interruption (tests)
 
 
-def _loader(dataset: Any, batch_size: int, shuffle: bool, seed: int, workers: int, collate: Any = None) -> DataLoader:
+def _loader(
+    dataset: Any, batch_size: int, shuffle: bool, seed: int, workers: int, collate: Any = None, epoch: int = 0
+) -> DataLoader:
+    """One epoch's loader; under ``torchrun`` this rank's shard with its share of the global ``batch_size``."""
+    job = ddp.info()
+    sampler: Any = None
+    if job.enabled:
+        if shuffle:  # training: equal disjoint shards of a per-epoch permutation
+            sampler = ddp.train_sampler(dataset, seed)
+            sampler.set_epoch(epoch)
+        else:  # evaluation: every item exactly once
+            sampler = ddp.EvalShardSampler(len(dataset), job.rank, job.world_size)
+        batch_size = max(1, batch_size // job.world_size)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(seed) if shuffle and sampler is None else None,
         num_workers=workers,
         collate_fn=collate,
         drop_last=False,
         persistent_workers=False,
     )
+
+
+def _steps(n_items: int, global_batch: int, job: ddp.DistInfo) -> int:
+    """Steps per epoch of a training loader (each rank: ``n_items // world`` items in local batches)."""
+    if not job.enabled:
+        return -(-n_items // global_batch)
+    return -(-(n_items // job.world_size) // (global_batch // job.world_size))
+
+
+def _to_cpu(state: Any) -> Any:
+    if isinstance(state, Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    return state
 
 
 def _fingerprint(identity: dict[str, Any]) -> str:
@@ -112,17 +146,28 @@ def run_pipeline(
     fingerprint = _fingerprint({"method": method, "seed": options.seed, **(identity or {})})
     seed = options.seed
     seed_everything(seed)
+    job = ddp.info()
+    say = tqdm.write if job.is_main else (lambda *_args, **_kwargs: None)
+    ddp.local_batch(pretrain_cfg.batch_images, "pretrain.batch_images")  # divisible by the processes
+    ddp.local_batch(finetune_cfg.batch_size, "finetune.batch_size")
 
     encoder = build_encoder(model_cfg.arch, model_cfg.width, model_cfg.weights)
     contrastive = ContrastiveModel(encoder, model_cfg.proj_hidden, model_cfg.proj_dim).to(device)
+    ddp.broadcast_module(contrastive)  # every rank starts from rank 0's initialisation
     pre_epochs = 0 if method == "ce" else pretrain_cfg.epochs
-    view_loader_len = -(-len(data.views) // pretrain_cfg.batch_images) if pre_epochs else 0
     pre = (
-        build_pretrain(method, contrastive, pretrain_cfg, model_cfg.proj_dim, max(1, view_loader_len), device)
+        build_pretrain(
+            method,
+            contrastive,
+            pretrain_cfg,
+            model_cfg.proj_dim,
+            max(1, _steps(len(data.views), pretrain_cfg.batch_images, job)),
+            device,
+        )
         if pre_epochs
         else None
     )
-    train_steps = -(-len(data.train) // finetune_cfg.batch_size)
+    train_steps = _steps(len(data.train), finetune_cfg.batch_size, job)
 
     stage, done = "pretrain", 0  # next stage, epochs of it completed
     fine = None
@@ -133,21 +178,30 @@ def run_pipeline(
                 f"{ckpt_path} was written by a run with another configuration, method or seed; "
                 "resume with the same config and options, or use another --out"
             )
+        if int(state.get("world_size", 1)) != job.world_size:
+            raise CheckpointError(
+                f"{ckpt_path} was written by a run of {state.get('world_size', 1)} process(es); "
+                f"resume it with the same number, not {job.world_size}"
+            )
         stage, done = state["stage"], int(state["epoch"])
         if stage == "pretrain":
             if pre is None:  # unreachable with a matching fingerprint (method and epochs are in it)
                 raise CheckpointError(f"{ckpt_path} holds pre-training state, but method {method!r} does not pre-train")
             pre.load_state_dict(state["pretrain"])
+            if "criterion_shards" in state:  # this rank's shard of the hard-negative index
+                pre.criterion.load_state_dict(state["criterion_shards"][job.rank])
         else:
             classifier = Classifier(contrastive.encoder, data.num_classes).to(device)
             fine = build_finetune(classifier, finetune_cfg, train_steps)
             fine.load_state_dict(state["finetune"])
         set_rng_state(state["rng"])
-        tqdm.write(f"resuming {method} from {ckpt_path}: {stage} epoch {done}")
+        say(f"resuming {method} from {ckpt_path}: {stage} epoch {done}")
     elif ckpt_path.exists():
-        ckpt_path.unlink()
+        ddp.barrier()  # every rank has seen that this is a fresh run before rank 0 removes the old file
+        if job.is_main:
+            ckpt_path.unlink()
 
-    log = RunLogger(out, tensorboard=options.tensorboard)
+    log = RunLogger(out, tensorboard=options.tensorboard, enabled=job.is_main)
     if options.resume:  # drop rows of epochs this run repeats
         order = _STAGES[stage]
         log.truncate(lambda s, e: _STAGES.get(s, 0) < order or (_STAGES.get(s, 0) == order and e < done))
@@ -156,9 +210,16 @@ def run_pipeline(
 
     def checkpoint(stage_name: str, epoch: int, payload: dict[str, Any]) -> bool:
         nonlocal epochs_run
-        save_checkpoint(
-            ckpt_path, {"fingerprint": fingerprint, "method": method, "stage": stage_name, "epoch": epoch, **payload}
-        )
+        if job.enabled:
+            payload["world_size"] = job.world_size
+            if pre is not None and stage_name == "pretrain":  # every rank's index shard, in one file
+                payload["criterion_shards"] = ddp.all_gather_objects(_to_cpu(pre.criterion.state_dict()))
+        if job.is_main:
+            save_checkpoint(
+                ckpt_path,
+                {"fingerprint": fingerprint, "method": method, "stage": stage_name, "epoch": epoch, **payload},
+            )
+        ddp.barrier()  # no rank goes on (or stops) before the checkpoint is on disk
         epochs_run += 1
         return options.stop_after_epochs is not None and epochs_run >= options.stop_after_epochs
 
@@ -171,9 +232,10 @@ def run_pipeline(
                     data.views,
                     pretrain_cfg.batch_images,
                     True,
-                    mix_seed(seed, 1, epoch),
+                    mix_seed(seed, 1) if job.enabled else mix_seed(seed, 1, epoch),
                     options.num_workers,
                     collate_four_views,
+                    epoch,
                 )
                 torch.manual_seed(mix_seed(seed, 11, epoch))
                 stats = pretrain_epoch(
@@ -181,13 +243,13 @@ def run_pipeline(
                     loader,
                     pretrain_cfg,
                     device,
-                    mix_seed(seed, 12, epoch),
+                    mix_seed(seed, 12, epoch, job.rank) if job.enabled else mix_seed(seed, 12, epoch),
                     desc=f"{method} pretrain {epoch + 1}/{pre_epochs}",
                 )
+                ddp.average_buffers(pre.model)  # BatchNorm statistics: the mean of the ranks'
+                stats = ddp.mean_over_ranks(stats)
                 log.scalars("pretrain", epoch, pre.step, stats)
-                tqdm.write(
-                    f"[{method}] pretrain epoch {epoch + 1}/{pre_epochs}: loss {stats.get('loss', float('nan')):.4f}"
-                )
+                say(f"[{method}] pretrain epoch {epoch + 1}/{pre_epochs}: loss {stats.get('loss', float('nan')):.4f}")
                 if checkpoint("pretrain", epoch + 1, {"pretrain": pre.state_dict()}):
                     return None
             times["pretrain_s"] = time.perf_counter() - t0
@@ -199,17 +261,26 @@ def run_pipeline(
             torch.manual_seed(mix_seed(seed, 20))
             classifier.fc.reset_parameters()
             fine = build_finetune(classifier, finetune_cfg, train_steps)
-        del pre  # free the bank
+        pre = None  # free the bank
         t0 = time.perf_counter()
         for epoch in range(done, finetune_cfg.epochs):
             data.train.set_epoch(epoch)
-            loader = _loader(data.train, finetune_cfg.batch_size, True, mix_seed(seed, 2, epoch), options.num_workers)
+            loader = _loader(
+                data.train,
+                finetune_cfg.batch_size,
+                True,
+                mix_seed(seed, 2) if job.enabled else mix_seed(seed, 2, epoch),
+                options.num_workers,
+                epoch=epoch,
+            )
             torch.manual_seed(mix_seed(seed, 21, epoch))
             stats = task.finetune_epoch(
                 fine, loader, finetune_cfg, device, epoch, desc=f"{method} finetune {epoch + 1}/{finetune_cfg.epochs}"
             )
+            ddp.average_buffers(fine.model)
+            stats = ddp.mean_over_ranks(stats)
             log.scalars("finetune", epoch, fine.step, stats)
-            tqdm.write(
+            say(
                 f"[{method}] finetune epoch {epoch + 1}/{finetune_cfg.epochs}: "
                 f"loss {stats['loss']:.4f} acc {stats['accuracy']:.3f}"
             )
@@ -217,14 +288,19 @@ def run_pipeline(
                 return None
         times["finetune_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
+        ddp.check_in_sync(fine.model, "the fine-tuned model")
         test_loader = _loader(data.test, 2 * finetune_cfg.batch_size, False, 0, options.num_workers)
         probs, target, groups = task.predict(fine.model, test_loader, device, f"{method} test")
+        probs, target, groups = ddp.gather_in_order((probs, target, groups), len(data.test))
         metrics = task.compute_metrics(probs, target, groups, data.group_names, data.num_classes)
         times["evaluate_s"] = time.perf_counter() - t0
         metrics["method"] = method
         metrics["seed"] = seed
-        write_json(out / "metrics.json", metrics)
-        write_json(out / "timing.json", times)
+        if job.enabled:
+            metrics["world_size"] = job.world_size
+        if job.is_main:
+            write_json(out / "metrics.json", metrics)
+            write_json(out / "timing.json", times)
         log.scalars("test", finetune_cfg.epochs, fine.step, {k: metrics[k] for k in task.metrics})
         return metrics
     finally:

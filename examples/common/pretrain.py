@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from examples.common import ddp
 from examples.common.config import OptimConfig, PretrainConfig
 from examples.common.models import ContrastiveModel, momentum_copy, momentum_update
 from mlcl_losses import Level, MultiLevelContrastiveLoss, PaceSchedule, SelfPacedWeighting, ViewTags, comcl_levels
@@ -87,11 +88,18 @@ def build_criterion(
     """The loss module of ``method``, with its index (keys of ``dim`` features) and self-paced weighting."""
     if method not in PRETRAIN_METHODS:
         raise ValueError(f"Expected a pre-training method in {PRETRAIN_METHODS}, but got {method!r}")
+    job = ddp.info()  # under torchrun: negatives from the global batch, the index sharded over ranks
     if method == "simclr":
-        return MultiLevelContrastiveLoss(Level.instance(), temperature=cfg.temperature, impl=cfg.loss_impl)
+        return MultiLevelContrastiveLoss(
+            Level.instance(), temperature=cfg.temperature, impl=cfg.loss_impl, gather_distributed=job.enabled
+        )
     if method == "supcon":
         return MultiLevelContrastiveLoss(
-            Level.supervised(), temperature=cfg.temperature, denominator="all", impl=cfg.loss_impl
+            Level.supervised(),
+            temperature=cfg.temperature,
+            denominator="all",
+            impl=cfg.loss_impl,
+            gather_distributed=job.enabled,
         )
     from mlcl_losses.index import HardNegativeIndex
 
@@ -104,9 +112,16 @@ def build_criterion(
         spl = SelfPacedWeighting(cfg.self_paced.regularizer, _pace(cfg, total_steps), target="negatives")
         names = [level.name for level in levels if level.name in cfg.self_paced.levels]
         weighting = dict.fromkeys(names, spl) if names else None
-    index = HardNegativeIndex(dim=dim, capacity=cfg.bank_size, device=device, backend=cfg.index_backend)
+    shard = -(-cfg.bank_size // job.world_size)  # this rank's part of the bank
+    index = HardNegativeIndex(dim=dim, capacity=shard, device=device, backend=cfg.index_backend)
     return MultiLevelContrastiveLoss(
-        levels, temperature=cfg.temperature, weighting=weighting, index=index, k=cfg.k, impl=cfg.loss_impl
+        levels,
+        temperature=cfg.temperature,
+        weighting=weighting,
+        index=index,
+        k=min(cfg.k, shard),
+        impl=cfg.loss_impl,
+        gather_distributed=job.enabled,
     )
 
 
@@ -202,6 +217,7 @@ def pretrain_epoch(
         state.optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:
             loss.backward()
+            ddp.average_gradients(state.model)
             state.optimizer.step()
         state.scheduler.step()
         state.criterion.step()

@@ -43,18 +43,22 @@ class RunLogger:
     Args:
         out_dir: run directory.
         tensorboard: also write TensorBoard events under ``DIR/tensorboard``.
+        enabled: False makes every method a no-op (the ranks other than 0 of a multi-process run).
     """
 
     FIELDS = ("stage", "epoch", "step", "name", "value")
 
-    def __init__(self, out_dir: str | os.PathLike[str], tensorboard: bool = True) -> None:
+    def __init__(self, out_dir: str | os.PathLike[str], tensorboard: bool = True, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._writer = None
+        if not enabled:
+            return
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.dir / "scalars.csv"
         if not self.csv_path.exists():
             with self.csv_path.open("w", newline="", encoding="utf-8") as f:
                 csv.writer(f).writerow(self.FIELDS)
-        self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -62,6 +66,8 @@ class RunLogger:
 
     def truncate(self, keep: Any) -> None:
         """Keep only CSV rows for which ``keep(stage, epoch)`` is true (before resuming)."""
+        if not self.enabled:
+            return
         with self.csv_path.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
         kept = [r for r in rows if keep(r["stage"], int(r["epoch"]))]
@@ -72,6 +78,8 @@ class RunLogger:
 
     def scalars(self, stage: str, epoch: int, step: int, values: dict[str, float]) -> None:
         """Log several scalars at a global ``step``."""
+        if not self.enabled:
+            return
         with self.csv_path.open("a", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             for name, value in values.items():

@@ -365,14 +365,13 @@ class _FaissBackend:
     # ---------------------------------------------------------------- search
     def search(self, bank: Tensor, queries: Tensor, k: int, flt: _Filter) -> tuple[Tensor, Tensor]:
         n, size, device = queries.shape[0], bank.shape[0], queries.device
-        out_s = torch.full((n, k), -math.inf, dtype=torch.float32, device=device)
-        out_i = torch.full((n, k), -1, dtype=torch.int64, device=device)
         ivf = self._ivf_index(bank)
         if flt.label is not None:
             q_label, b_label = flt.label
             groups = [(q_label == value, b_label != value) for value in torch.unique(q_label)]
         else:
             groups = [(None, None)]
+        out_s, out_i = _pad(None, None, n, k, device)  # rows whose sub-bank is empty stay padded
         for rows, bank_keep in groups:
             allowed = flt.allowed
             if bank_keep is not None:
@@ -411,10 +410,19 @@ class _FaissBackend:
     ) -> tuple[Tensor, Tensor]:
         """Search ``q`` for ``k`` hits that pass the per-query exclusions, fetching more where needed."""
         n, device = q.shape[0], q.device
+        fetch = min(m, k + (max(8, k // 4) if excl else 0))
+        if not excl and fetch <= max_k:
+            # Nothing to filter per query: one call, whose hits FAISS already returns sorted.
+            d, i = kernel(q, fetch)
+            d, i = d.to(device).float(), i.to(device)
+            missing = i < 0  # FAISS marks absent hits (IVF lists ran out) with -1
+            slots = i if to_slot is None else to_slot[i.clamp(min=0)]
+            if bool(missing.any()):
+                d, slots = d.masked_fill(missing, -math.inf), slots.masked_fill(missing, -1)
+            return (d, slots) if fetch == k else _pad(d, slots, n, k, device)
         out_s = torch.full((n, k), -math.inf, dtype=torch.float32, device=device)
         out_i = torch.full((n, k), -1, dtype=torch.int64, device=device)
         todo = torch.arange(n, device=device)
-        fetch = min(m, k + (max(8, k // 4) if excl else 0))
         while todo.numel() > 0:
             if fetch > max_k:  # FAISS GPU k-selection limit: finish these rows exactly with torch
                 flt = _Filter(
@@ -801,10 +809,12 @@ class HardNegativeIndex(nn.Module):
     def _gather_tags(self, idx: Tensor) -> ViewTags:
         """``(N, k)`` tags at slot indices ``idx``, ``-1`` in every field where ``idx == -1``."""
         pad = idx < 0
-        safe = idx.clamp(min=0)
+        any_pad = bool(pad.any())
+        safe = idx.clamp(min=0) if any_pad else idx
 
         def take(field: Tensor) -> Tensor:
-            return field[safe].masked_fill(pad, -1)
+            hits = torch.take(field, safe)  # several times faster than field[safe] on CPU
+            return hits.masked_fill(pad, -1) if any_pad else hits
 
         return ViewTags(
             take(self._kind),
