@@ -38,7 +38,8 @@ METHODS = {
     "pml_per_level": "3 x PML NTXentLoss (indices_tuple)",
     "naive_ce": "naive N x N cross-entropy (1 level)",
     "ours_reference": "ours, reference (3 levels)",
-    "ours_fused": "ours, fused (3 levels)",
+    "ours_fused": "ours, fused (3 levels; Triton on CUDA)",
+    "ours_fused_torch": "ours, fused, torch tiles (3 levels; CUDA only)",
 }
 
 
@@ -110,8 +111,12 @@ def build(method: str, n: int, device: torch.device) -> Any:
             return torch.nn.functional.cross_entropy(logits, target)
 
         return naive
-    if method in ("ours_reference", "ours_fused"):
+    if method in ("ours_reference", "ours_fused", "ours_fused_torch"):
         impl = "reference" if method == "ours_reference" else "fused"
+        if method == "ours_fused_torch":  # each case runs in its own process: the switch stays local
+            from mlcl_losses import _triton
+
+            _triton.ENABLED = False
         return lambda z: multilevel_info_nce(z, tags, levels, TEMPERATURE, impl=impl)[0]
     raise ValueError(f"unknown method {method!r}")
 
@@ -291,8 +296,9 @@ def main() -> None:
     info["threads_per_case"] = args.threads or torch.get_num_threads()
     info["step_cap_s"], info["mem_cap_gib"] = args.cap, args.mem_cap
     rows: list[dict[str, Any]] = []
+    methods = [m for m in METHODS if cuda or m != "ours_fused_torch"]  # on CPU the fused path is the torch tiles
     for n in sizes:
-        for method in METHODS:
+        for method in methods:
             res = run_case(method, n, args.device, args.repeats, args.cap, args.threads, args.mem_cap)
             rows.append({"method": method, "n": n, **res})
             shown = (
@@ -325,6 +331,8 @@ def table(rows: list[dict[str, Any]], sizes: list[int]) -> str:
     head = "| method | " + " | ".join(f"N={n}: ms (cpu ms), MiB" for n in sizes) + " |"
     lines = [head, "|---|" + "---|" * len(sizes)]
     for method, label in METHODS.items():
+        if not any(r["method"] == method for r in rows):
+            continue  # not run on this device
         cells = []
         for n in sizes:
             r = next((r for r in rows if r["method"] == method and r["n"] == n and not r.get("curve_only")), None)

@@ -54,7 +54,7 @@ from torch.autograd.function import once_differentiable
 from mlcl_losses.levels import Level
 from mlcl_losses.tags import ViewTags
 
-__all__ = ["BLOCK_COLS", "BLOCK_ROWS", "multilevel_info_nce_fused", "supports"]
+__all__ = ["BLOCK_COLS", "BLOCK_ROWS", "multilevel_info_nce_fused", "source_pairs", "supports"]
 
 logger = logging.getLogger(__name__)
 
@@ -287,20 +287,7 @@ class _Plan:
         (``searchsorted``), minus the anchor itself. Sorted by anchor.
         """
         if li not in self._pairs:
-            source = self.tags.source
-            anchor_idx = self.anchors[li].nonzero()[:, 0]
-            pos_idx = self.possel[li].nonzero()[:, 0]
-            keys, order = torch.sort(source[pos_idx], stable=True)
-            pos_sorted = pos_idx[order]
-            anchor_keys = source[anchor_idx]
-            lo = torch.searchsorted(keys, anchor_keys, side="left")
-            count = torch.searchsorted(keys, anchor_keys, side="right") - lo
-            a = anchor_idx.repeat_interleave(count)
-            first = (torch.cumsum(count, 0) - count).repeat_interleave(count)
-            offset = torch.arange(a.shape[0], device=a.device) - first + lo.repeat_interleave(count)
-            p = pos_sorted[offset]
-            keep = a != p  # never its own positive
-            self._pairs[li] = (a[keep], p[keep])
+            self._pairs[li] = source_pairs(self.tags.source, self.anchors[li], self.possel[li])
         return self._pairs[li]
 
     def _weight_tile(
@@ -443,6 +430,32 @@ class _Plan:
                     neg[li] = q
                     logw[li] = self._weight_tile(li, logits, q, rows, slice(self.n + c0, self.n + c1))
                 yield _Tile("cand", logits, slice(c0, c1), None, neg, logw, {}, safe)
+
+
+def source_pairs(source: Tensor, anchors: Tensor, positives: Tensor) -> tuple[Tensor, Tensor]:
+    """Same-source pairs ``(anchor (P,), positive (P,))``, sorted by anchor, never an embedding with itself.
+
+    Args:
+        source: ``(N,)`` source ids.
+        anchors: ``(N,)`` bool, which embeddings are anchors.
+        positives: ``(N,)`` bool, which embeddings may be positives.
+
+    Candidates are sorted by source; each anchor's positives are the run of its source
+    (``searchsorted``), minus the anchor itself: ``O(N log N + P)``, no ``N x N`` mask.
+    """
+    anchor_idx = anchors.nonzero()[:, 0]
+    pos_idx = positives.nonzero()[:, 0]
+    keys, order = torch.sort(source[pos_idx], stable=True)
+    pos_sorted = pos_idx[order]
+    anchor_keys = source[anchor_idx]
+    lo = torch.searchsorted(keys, anchor_keys, side="left")
+    count = torch.searchsorted(keys, anchor_keys, side="right") - lo
+    a = anchor_idx.repeat_interleave(count)
+    first = (torch.cumsum(count, 0) - count).repeat_interleave(count)
+    offset = torch.arange(a.shape[0], device=a.device) - first + lo.repeat_interleave(count)
+    p = pos_sorted[offset]
+    keep = a != p  # never its own positive
+    return a[keep], p[keep]
 
 
 def _forbid(tr: ViewTags, tc: ViewTags, level: Level) -> Tensor:

@@ -358,6 +358,14 @@ def multilevel_info_nce(
             z, tags, levels, bank_z, per_level_candidates, per_level_weights, anchor_weights, tau_plus, beta, pair_mask
         )
     ):
+        from mlcl_losses import _triton
+
+        if (
+            z.is_cuda
+            and _triton.ENABLED
+            and _triton.supports(z, tags, levels, bank_z, per_level_candidates, per_level_weights)
+        ):
+            return _triton.multilevel_info_nce_triton(z, tags, levels, float(temperature), denominator)
         return _fused.multilevel_info_nce_fused(
             z, tags, levels, float(temperature), denominator, bank_z, bank_tags, per_level_candidates, per_level_weights
         )
