@@ -280,6 +280,7 @@ def main() -> None:
     parser.add_argument("--cap", type=float, default=30.0, help="time cap (s) of one step and of the timed repeats")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per case (0: torch default)")
     parser.add_argument("--mem-cap", type=float, default=4.0, help="GiB of heap per CPU case (0: no limit)")
+    parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -297,6 +298,12 @@ def main() -> None:
     info["step_cap_s"], info["mem_cap_gib"] = args.cap, args.mem_cap
     rows: list[dict[str, Any]] = []
     methods = [m for m in METHODS if cuda or m != "ours_fused_torch"]  # on CPU the fused path is the torch tiles
+    if args.methods:
+        chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = sorted(set(chosen) - set(METHODS))
+        if unknown:
+            parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+        methods = [m for m in methods if m in chosen]
     for n in sizes:
         for method in methods:
             res = run_case(method, n, args.device, args.repeats, args.cap, args.threads, args.mem_cap)
