@@ -310,3 +310,14 @@ def test_fov_geometry_equals_mean_of_pixel_indices(size: int) -> None:
         rows, cols = torch.nonzero(fov, as_tuple=True)
         expected = (float(cols.float().mean()), float(rows.float().mean()), math.sqrt(int(fov.sum()) / math.pi))
         assert _fov_geometry(fov) == expected
+
+
+@pytest.mark.parametrize("cls", [SyntheticFundus, SyntheticChestXray])
+def test_samples_are_ordinary_tensors(cls) -> None:  # noqa: ANN001
+    # rendered under inference mode for speed; what a user gets must allow in-place ops and autograd
+    sample = cls(n=2, size=64, seed=0)[1]
+    tensors = [v for v in vars(sample).values() if isinstance(v, torch.Tensor)]
+    assert tensors
+    assert not any(t.is_inference() for t in tensors)
+    sample.image.mul_(1.0)
+    assert sample.image.clone().requires_grad_().sum().requires_grad

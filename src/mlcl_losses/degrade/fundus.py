@@ -207,6 +207,35 @@ def _blur(img: Tensor, fov: Tensor, s: float, g: torch.Generator, geo: tuple[flo
     return (out + s * 0.012 * noise).clamp(0, 1)
 
 
+def _degrade_one(
+    img: Tensor,
+    fov: Tensor,
+    severity: float,
+    kinds: Sequence[str],
+    g: torch.Generator,
+    geometry: tuple[float, float, float] | None = None,
+) -> Tensor:
+    """:func:`degrade_fundus` of one checked image ``(C, H, W)`` at ``severity > 0``, without the checks.
+
+    Args:
+        img: ``(C, H, W)`` float in [0, 1].
+        fov: ``(1, H, W)`` bool field of view.
+        severity: in (0, 1].
+        kinds: the degradations, a subset of :data:`FUNDUS_KINDS`.
+        g: source of randomness.
+        geometry: ``(cx, cy, radius)`` of ``fov`` when known (else from its moments).
+    """
+    geo = _fov_geometry(fov[0]) if geometry is None else geometry
+    work = img.float()
+    if "illumination" in kinds:
+        work = _illumination(work, fov, severity, g, geo)
+    if "spot" in kinds:
+        work = _spots(work, severity, g, geo)
+    if "blur" in kinds:
+        work = _blur(work, fov, severity, g, geo)
+    return torch.where(fov, work.to(img.dtype), img)
+
+
 def degrade_fundus(
     image: Tensor,
     severity: float | Sequence[float] | Tensor,
@@ -252,17 +281,10 @@ def degrade_fundus(
     severities = check_severity(severity, batch.shape[0])
     g = resolve_generator(generator, seed)
     masks = estimate_fov(batch) if fov is None else _check_fov(fov, batch)
-    outputs = []
-    for img, mask, s in zip(batch, masks, severities, strict=True):
-        work = img.float()
-        geo = _fov_geometry(mask[0])
-        if "illumination" in chosen:
-            work = _illumination(work, mask, s, g, geo)
-        if "spot" in chosen:
-            work = _spots(work, s, g, geo)
-        if "blur" in chosen:
-            work = _blur(work, mask, s, g, geo)
-        outputs.append(torch.where(mask, work.to(img.dtype), img) if s > 0 else img.clone())
+    outputs = [
+        _degrade_one(img, mask, s, chosen, g) if s > 0 else img.clone()
+        for img, mask, s in zip(batch, masks, severities, strict=True)
+    ]
     out = torch.stack(outputs)
     logger.debug("degraded %d fundus image(s) with %s at severity %s", out.shape[0], chosen, severities)
     return out if batched else out[0]

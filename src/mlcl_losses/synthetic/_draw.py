@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from mlcl_losses.degrade._common import _taps, gaussian_blur
+
+_T = TypeVar("_T")
+
+
+def render_fast(render: Callable[[], _T]) -> _T:
+    """``render()`` under :func:`torch.inference_mode`, returned as ordinary tensors.
+
+    Without autograd bookkeeping the ~1,000 small ops of an image run about 10 % faster, with
+    the same values. Every tensor field of the returned dataclass is cloned outside inference
+    mode (inference tensors cannot be modified in place or saved for backward there).
+    """
+    with torch.inference_mode():
+        sample = render()
+    tensors = {f.name: getattr(sample, f.name) for f in dataclasses.fields(sample)}  # type: ignore[arg-type]
+    return dataclasses.replace(sample, **{k: v.clone() for k, v in tensors.items() if isinstance(v, Tensor)})  # type: ignore[type-var]
 
 
 def rand(g: torch.Generator, *shape: int) -> Tensor:
