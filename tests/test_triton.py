@@ -35,7 +35,8 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
         [sys.executable, str(HERE / "triton_cases.py"), str(out)], env=env, capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    return {r["name"]: r for r in torch.load(out, weights_only=False)}
+    saved = torch.load(out, weights_only=False)
+    return {**{r["name"]: r for r in saved["cases"]}, "_extra": saved["extra"]}
 
 
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
@@ -63,6 +64,18 @@ def test_interpreted_lse_counts_and_cosines_match_dense_masks(
         torch.testing.assert_close(r["cos_sum"][li], cos_sum, rtol=1e-5, atol=1e-4)
 
 
+def test_interpreted_kernels_read_strided_tags(interpreted: dict[str, dict[str, Any]]) -> None:
+    lse_view, count_view, lse_copy, count_copy = interpreted["_extra"]["strided"]
+    assert torch.equal(count_view, count_copy)
+    torch.testing.assert_close(lse_view, lse_copy)
+
+
+def test_interpreted_half_input_gets_a_half_gradient(interpreted: dict[str, dict[str, Any]]) -> None:
+    dtype, grad_half, grad_float = interpreted["_extra"]["half"]
+    assert dtype == torch.float16
+    torch.testing.assert_close(grad_half, grad_float, rtol=1e-2, atol=1e-3)
+
+
 def test_supports_only_what_the_kernels_compute(monkeypatch: pytest.MonkeyPatch) -> None:
     tags = ViewTags(kind=[1, 1, 0, 0], quality=[0, 1, 0, 1], source=[0, 0, 1, 1], label=[0, 0, 1, 1])
     z = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
@@ -73,6 +86,8 @@ def test_supports_only_what_the_kernels_compute(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert _triton.supports(z, tags, levels, None, none, none)
     assert not _triton.supports(z.double(), tags, levels, None, none, none)
+    wide = torch.nn.functional.normalize(torch.randn(4, _triton.MAX_DIM + 1), dim=1)
+    assert not _triton.supports(wide, tags, levels, None, none, none)  # rows would not fit in shared memory
     assert not _triton.supports(z, tags, levels, z, none, none)  # bank
     assert not _triton.supports(z, tags, levels, None, [torch.zeros(4, 1, dtype=torch.long)] + none[1:], none)
     assert not _triton.supports(z, tags, levels, None, none, [torch.ones(4, 4)] + none[1:])

@@ -103,9 +103,38 @@ def run_case(case: tuple[str, int, int, str, str, bool, bool, int], seed: int) -
     }
 
 
+def extra_checks() -> dict[str, Any]:
+    """Strided tag views and half-precision input of :func:`mlcl_losses._triton.neg_lse`."""
+    from mlcl_losses import _triton
+
+    x, tags = make(160, 32, True, True, 50, seed=99)
+    z = normalize_embeddings(x.float())
+    levels = comcl_levels()
+    strided = tags[::2]  # a view: stride 2 in every field
+    lse_view, count_view, _ = _triton.neg_lse(z[::2], strided, levels, 0.2)
+    copied = ViewTags(
+        strided.kind.clone(),
+        strided.quality.clone(),
+        strided.source.clone(),
+        strided.label.clone(),
+        strided.image.clone(),
+    )
+    lse_copy, count_copy, _ = _triton.neg_lse(z[::2].contiguous(), copied, levels, 0.2)
+    zh = z.half().requires_grad_()
+    lse_h, _, _ = _triton.neg_lse(zh, tags, levels, 0.2)
+    torch.where(torch.isfinite(lse_h), lse_h, 0.0).sum().backward()
+    z32 = z.half().float().requires_grad_()
+    lse_f, _, _ = _triton.neg_lse(z32, tags, levels, 0.2)
+    torch.where(torch.isfinite(lse_f), lse_f, 0.0).sum().backward()
+    return {
+        "strided": (lse_view, count_view, lse_copy, count_copy),
+        "half": (zh.grad.dtype, zh.grad.float(), z32.grad),
+    }
+
+
 def main(out_path: str) -> None:
     results = [run_case(case, seed) for seed, case in enumerate(CASES)]
-    torch.save(results, out_path)
+    torch.save({"cases": results, "extra": extra_checks()}, out_path)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ them without a GPU).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -53,10 +54,16 @@ logger = logging.getLogger(__name__)
 
 #: Use the Triton path on CUDA where it applies (set False to force the torch tiles, e.g. to compare).
 ENABLED: bool = True
-#: Anchor rows per program.
-BLOCK_M: int = 64
+#: Anchor rows per program. 32 x 32 tiles with 4 warps and 2 pipeline stages compile for sm_90
+#: without register spills at D <= 128 (64 x 64 spilled heavily: IEEE float32 ``tl.dot`` runs on
+#: CUDA cores, not tensor cores); measured with Triton 3.8's compiler, not yet timed on a GPU.
+BLOCK_M: int = 32
 #: Columns per tile.
-BLOCK_N: int = 64
+BLOCK_N: int = 32
+NUM_WARPS: int = 4
+NUM_STAGES: int = 2
+#: Largest embedding dimension: whole ``(BLOCK, D)`` rows are staged in shared memory.
+MAX_DIM: int = 256
 #: Level parameters per level: anchor kind, anchor quality, negative kind, negative quality
 #: (-1 = any), exclude same label (0/1), in-batch negatives (0/1).
 _PARAMS = 6
@@ -91,6 +98,8 @@ def supports(
     return (
         available(z.device)
         and z.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and z.dim() == 2
+        and z.shape[1] <= MAX_DIM
         and bank_z is None
         and all(c is None for c in candidates)
         and all(w is None for w in weights)
@@ -126,6 +135,11 @@ def _level_params(levels: Sequence[Level], has_label: bool, device: torch.device
     return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
+def _on_device(device: torch.device) -> Any:
+    """Triton launches on the current CUDA device: make it the tensors' (a no-op context on CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _block_d(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
@@ -136,39 +150,43 @@ class _NegLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, z: Tensor, tags: ViewTags, params: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
         k = _load_kernels()
-        zc = z.contiguous()
+        zc = z.float().contiguous()  # the kernels read float32 rows (fp16 / bf16 are upcast)
         n, d = zc.shape
         n_levels = params.shape[0]
         lse = torch.empty(n_levels, n, dtype=torch.float32, device=z.device)
         count = torch.empty_like(lse)
         cos_sum = torch.empty_like(lse)
-        image = tags.source if tags.image is None else tags.image
-        label = tags.source if tags.label is None else tags.label
-        grid = (math.ceil(n / BLOCK_M),)
-        k.neg_lse_fwd[grid](
-            zc,
-            tags.kind,
-            tags.quality,
-            tags.source,
-            image,
-            label,
-            params,
-            lse,
-            count,
-            cos_sum,
-            n,
-            d,
-            float(scale),
-            zc.stride(0),
-            NUM_LEVELS=n_levels,
-            HAS_IMG=tags.image is not None,
-            HAS_LAB=tags.label is not None,
-            BLOCK_M=BLOCK_M,
-            BLOCK_N=BLOCK_N,
-            BLOCK_D=_block_d(d),
-        )
-        ctx.save_for_backward(zc, lse, params, tags.kind, tags.quality, tags.source, image, label)
-        ctx.flags = (tags.image is not None, tags.label is not None, float(scale))
+        # the kernels index tags with unit stride: views such as tags[::2] must be copied
+        kind, quality, source = tags.kind.contiguous(), tags.quality.contiguous(), tags.source.contiguous()
+        image = source if tags.image is None else tags.image.contiguous()
+        label = source if tags.label is None else tags.label.contiguous()
+        with _on_device(z.device):
+            k.neg_lse_fwd[(math.ceil(n / BLOCK_M),)](
+                zc,
+                kind,
+                quality,
+                source,
+                image,
+                label,
+                params,
+                lse,
+                count,
+                cos_sum,
+                n,
+                d,
+                float(scale),
+                zc.stride(0),
+                NUM_LEVELS=n_levels,
+                HAS_IMG=tags.image is not None,
+                HAS_LAB=tags.label is not None,
+                BLOCK_M=BLOCK_M,
+                BLOCK_N=BLOCK_N,
+                BLOCK_D=_block_d(d),
+                num_warps=NUM_WARPS,
+                num_stages=NUM_STAGES,
+            )
+        ctx.save_for_backward(zc, lse, params, kind, quality, source, image, label)
+        ctx.flags = (tags.image is not None, tags.label is not None, float(scale), z.dtype)
         ctx.mark_non_differentiable(count, cos_sum)
         return lse, count, cos_sum
 
@@ -177,7 +195,7 @@ class _NegLSE(torch.autograd.Function):
     def backward(ctx: Any, grad_lse: Tensor, *_unused: Any) -> tuple[Tensor | None, None, None, None]:
         k = _load_kernels()
         zc, lse, params, kind, quality, source, image, label = ctx.saved_tensors
-        has_img, has_lab, scale = ctx.flags
+        has_img, has_lab, scale, dtype = ctx.flags
         n, d = zc.shape
         finite = torch.isfinite(lse)  # anchors with no negative: no gradient, and no inf * 0
         g = torch.where(finite, grad_lse.float(), torch.zeros_like(lse)).contiguous()
@@ -191,11 +209,14 @@ class _NegLSE(torch.autograd.Function):
             BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N,
             BLOCK_D=_block_d(d),
+            num_warps=NUM_WARPS,
+            num_stages=NUM_STAGES,
         )
         args = (zc, kind, quality, source, image, label, params, lse_safe, g)
-        k.neg_lse_bwd_rows[(math.ceil(n / BLOCK_M),)](*args, dz_rows, n, d, scale, zc.stride(0), **common)
-        k.neg_lse_bwd_cols[(math.ceil(n / BLOCK_N),)](*args, dz_cols, n, d, scale, zc.stride(0), **common)
-        return (dz_rows + dz_cols).to(zc.dtype), None, None, None
+        with _on_device(zc.device):
+            k.neg_lse_bwd_rows[(math.ceil(n / BLOCK_M),)](*args, dz_rows, n, d, scale, zc.stride(0), **common)
+            k.neg_lse_bwd_cols[(math.ceil(n / BLOCK_N),)](*args, dz_cols, n, d, scale, zc.stride(0), **common)
+        return (dz_rows + dz_cols).to(dtype), None, None, None
 
 
 def neg_lse(z: Tensor, tags: ViewTags, levels: Sequence[Level], temperature: float) -> tuple[Tensor, Tensor, Tensor]:

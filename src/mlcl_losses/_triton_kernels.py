@@ -1,8 +1,9 @@
 """Triton kernels of :mod:`mlcl_losses._triton` (imported on first use; needs Triton).
 
 Shapes: ``Z (N, D)`` float32 row-major with row stride ``stride_z``; tag vectors ``(N,)``
-int64; level parameters ``(NUM_LEVELS, 6)`` int32 (see ``_triton._PARAMS``); per-level
-row statistics ``(NUM_LEVELS, N)`` float32. ``BLOCK_D`` is a power of two >= D.
+int64, contiguous; level parameters ``(NUM_LEVELS, 6)`` int32 (see ``_triton._PARAMS``); per-level
+row statistics ``(NUM_LEVELS, N)`` float32. ``BLOCK_D`` is a power of two >= D. Row offsets are
+computed in int64 (``rows * stride_z`` overflows int32 once ``N * D >= 2**31``).
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ def neg_lse_fwd(
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     dims = tl.arange(0, BLOCK_D)
-    zr = tl.load(Z + rows[:, None] * stride_z + dims[None, :], mask=rmask[:, None] & (dims[None, :] < D), other=0.0)
+    zr = tl.load(
+        Z + rows[:, None].to(tl.int64) * stride_z + dims[None, :], mask=rmask[:, None] & (dims[None, :] < D), other=0.0
+    )
     rkind, rqual, rsrc, rimg, rlab = _row_tags(KIND, QUAL, SRC, IMG, LAB, rows, rmask)
     lv = tl.arange(0, 8)  # level axis of the running state (NUM_LEVELS <= 8)
     m_run = tl.full((BLOCK_M, 8), float("-inf"), tl.float32)
@@ -87,7 +90,11 @@ def neg_lse_fwd(
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols < N
-        zc = tl.load(Z + cols[:, None] * stride_z + dims[None, :], mask=cmask[:, None] & (dims[None, :] < D), other=0.0)
+        zc = tl.load(
+            Z + cols[:, None].to(tl.int64) * stride_z + dims[None, :],
+            mask=cmask[:, None] & (dims[None, :] < D),
+            other=0.0,
+        )
         cos = tl.dot(zr, tl.trans(zc), input_precision="ieee")
         s = cos * scale
         ckind, cqual, csrc, cimg, clab = _row_tags(KIND, QUAL, SRC, IMG, LAB, cols, cmask)
@@ -180,13 +187,13 @@ def neg_lse_bwd_rows(
     rmask = rows < N
     dims = tl.arange(0, BLOCK_D)
     dmask = dims[None, :] < D
-    zr = tl.load(Z + rows[:, None] * stride_z + dims[None, :], mask=rmask[:, None] & dmask, other=0.0)
+    zr = tl.load(Z + rows[:, None].to(tl.int64) * stride_z + dims[None, :], mask=rmask[:, None] & dmask, other=0.0)
     rkind, rqual, rsrc, rimg, rlab = _row_tags(KIND, QUAL, SRC, IMG, LAB, rows, rmask)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols < N
-        zc = tl.load(Z + cols[:, None] * stride_z + dims[None, :], mask=cmask[:, None] & dmask, other=0.0)
+        zc = tl.load(Z + cols[:, None].to(tl.int64) * stride_z + dims[None, :], mask=cmask[:, None] & dmask, other=0.0)
         cos = tl.dot(zr, tl.trans(zc), input_precision="ieee")
         ckind, cqual, csrc, cimg, clab = _row_tags(KIND, QUAL, SRC, IMG, LAB, cols, cmask)
         grad = _grad_tile(
@@ -194,7 +201,7 @@ def neg_lse_bwd_rows(
             LVL, LSE, G, N, scale, NUM_LEVELS, HAS_IMG, HAS_LAB,
         )  # fmt: skip
         acc += tl.dot(grad, zc, input_precision="ieee")
-    tl.store(DZ + rows[:, None] * D + dims[None, :], acc * scale, mask=rmask[:, None] & dmask)
+    tl.store(DZ + rows[:, None].to(tl.int64) * D + dims[None, :], acc * scale, mask=rmask[:, None] & dmask)
 
 
 @triton.jit
@@ -226,13 +233,13 @@ def neg_lse_bwd_cols(
     cmask = cols < N
     dims = tl.arange(0, BLOCK_D)
     dmask = dims[None, :] < D
-    zc = tl.load(Z + cols[:, None] * stride_z + dims[None, :], mask=cmask[:, None] & dmask, other=0.0)
+    zc = tl.load(Z + cols[:, None].to(tl.int64) * stride_z + dims[None, :], mask=cmask[:, None] & dmask, other=0.0)
     ckind, cqual, csrc, cimg, clab = _row_tags(KIND, QUAL, SRC, IMG, LAB, cols, cmask)
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for start in range(0, N, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         rmask = rows < N
-        zr = tl.load(Z + rows[:, None] * stride_z + dims[None, :], mask=rmask[:, None] & dmask, other=0.0)
+        zr = tl.load(Z + rows[:, None].to(tl.int64) * stride_z + dims[None, :], mask=rmask[:, None] & dmask, other=0.0)
         cos = tl.dot(zr, tl.trans(zc), input_precision="ieee")
         rkind, rqual, rsrc, rimg, rlab = _row_tags(KIND, QUAL, SRC, IMG, LAB, rows, rmask)
         grad = _grad_tile(
@@ -240,4 +247,4 @@ def neg_lse_bwd_cols(
             LVL, LSE, G, N, scale, NUM_LEVELS, HAS_IMG, HAS_LAB,
         )  # fmt: skip
         acc += tl.dot(tl.trans(grad), zr, input_precision="ieee")
-    tl.store(DZ + cols[:, None] * D + dims[None, :], acc * scale, mask=cmask[:, None] & dmask)
+    tl.store(DZ + cols[:, None].to(tl.int64) * D + dims[None, :], acc * scale, mask=cmask[:, None] & dmask)
