@@ -110,6 +110,11 @@ _OFFLINE = {
                 "distributed.html#torch.distributed.nn.functional.all_gather",
             ),
             ("torch.utils.data.Dataset", "py:class", "data.html#torch.utils.data.Dataset"),
+            (
+                "torch.utils.data.DistributedSampler",
+                "py:class",
+                "data.html#torch.utils.data.distributed.DistributedSampler",
+            ),
         ],
     ),
     "numpy": (
