@@ -31,6 +31,7 @@ What changes with N processes:
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 from collections.abc import Iterator
@@ -61,6 +62,9 @@ __all__ = [
     "teardown",
     "train_sampler",
 ]
+
+
+_CREATED = False  # whether setup() initialised the process group
 
 
 @dataclass(frozen=True)
@@ -110,14 +114,19 @@ def setup(device: str) -> tuple[DistInfo, str]:
     else:
         raise ValueError(f"run.device: multi-process runs need 'cpu' or 'cuda', but got {device!r}")
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        # long timeout: the other ranks wait in a barrier while rank 0 renders the synthetic data
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
+        global _CREATED
+        _CREATED = True
     return DistInfo(rank, world, local), device
 
 
 def teardown() -> None:
-    """Leave the process group (if one was joined)."""
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group if :func:`setup` created it (one made by the caller is left alone)."""
+    global _CREATED
+    if _CREATED and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _CREATED = False
 
 
 def barrier() -> None:

@@ -150,6 +150,9 @@ def run_pipeline(
     say = tqdm.write if job.is_main else (lambda *_args, **_kwargs: None)
     ddp.local_batch(pretrain_cfg.batch_images, "pretrain.batch_images")  # divisible by the processes
     ddp.local_batch(finetune_cfg.batch_size, "finetune.batch_size")
+    for name, dataset in (("training", data.train), ("test", data.test)):
+        if len(dataset) < job.world_size:  # a rank with no data would leave the others waiting
+            raise ValueError(f"the {name} set has {len(dataset)} images, fewer than the {job.world_size} processes")
 
     encoder = build_encoder(model_cfg.arch, model_cfg.width, model_cfg.weights)
     contrastive = ContrastiveModel(encoder, model_cfg.proj_hidden, model_cfg.proj_dim).to(device)
@@ -172,7 +175,8 @@ def run_pipeline(
     stage, done = "pretrain", 0  # next stage, epochs of it completed
     fine = None
     if options.resume:
-        state = load_checkpoint(ckpt_path, map_location=device)
+        # on the CPU: the RNG states must stay CPU byte tensors; load_state_dict copies onto the device
+        state = load_checkpoint(ckpt_path, map_location="cpu")
         if state.get("fingerprint") != fingerprint:
             raise CheckpointError(
                 f"{ckpt_path} was written by a run with another configuration, method or seed; "

@@ -113,13 +113,18 @@ def build_criterion(
         names = [level.name for level in levels if level.name in cfg.self_paced.levels]
         weighting = dict.fromkeys(names, spl) if names else None
     shard = -(-cfg.bank_size // job.world_size)  # this rank's part of the bank
+    if cfg.k > shard:
+        raise ValueError(
+            f"pretrain.k: {cfg.k} hard negatives per anchor exceed each process's bank shard of {shard} "
+            f"(bank_size {cfg.bank_size} / {job.world_size} processes); lower k or raise bank_size"
+        )
     index = HardNegativeIndex(dim=dim, capacity=shard, device=device, backend=cfg.index_backend)
     return MultiLevelContrastiveLoss(
         levels,
         temperature=cfg.temperature,
         weighting=weighting,
         index=index,
-        k=min(cfg.k, shard),
+        k=cfg.k,
         impl=cfg.loss_impl,
         gather_distributed=job.enabled,
     )

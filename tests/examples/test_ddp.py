@@ -19,6 +19,7 @@ from examples.common import ddp
 from examples.common.pipeline import _steps
 from examples.eyeq.train import main
 from pipeline_helpers import read_metrics, run_tiny
+from torch.utils.data import DataLoader, DistributedSampler
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "examples" / "eyeq" / "train.py"
@@ -144,6 +145,57 @@ def test_global_batch_must_divide_among_processes(monkeypatch: pytest.MonkeyPatc
         ddp.local_batch(8, "finetune.batch_size")
 
 
-@pytest.mark.parametrize(("n", "batch", "world", "steps"), [(16, 8, 1, 2), (17, 8, 1, 3), (17, 8, 2, 2), (16, 8, 4, 2)])
-def test_steps_per_epoch_match_the_loaders(n: int, batch: int, world: int, steps: int) -> None:
-    assert _steps(n, batch, ddp.DistInfo(0, world)) == steps
+@pytest.mark.parametrize(
+    ("n", "batch", "world"), [(16, 8, 1), (17, 8, 1), (17, 8, 2), (16, 8, 4), (41, 6, 3), (5, 4, 4)]
+)
+def test_steps_per_epoch_match_the_loaders(n: int, batch: int, world: int) -> None:
+    if world == 1:
+        expected = len(DataLoader(range(n), batch_size=batch))
+    else:
+        sampler = DistributedSampler(range(n), num_replicas=world, rank=world - 1, shuffle=True, drop_last=True)
+        expected = len(DataLoader(range(n), batch_size=batch // world, sampler=sampler))
+    assert _steps(n, batch, ddp.DistInfo(0, world)) == expected
+
+
+def test_gathered_predictions_come_back_in_dataset_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    n, world = 11, 3
+    probs, target = torch.rand(n, 4), torch.arange(n)
+    shards = [
+        (probs[list(ddp.EvalShardSampler(n, r, world))], target[list(ddp.EvalShardSampler(n, r, world))])
+        for r in range(world)
+    ]
+    monkeypatch.setattr(ddp, "info", lambda: ddp.DistInfo(1, world))
+    monkeypatch.setattr(ddp, "all_gather_objects", lambda obj: shards)  # what every rank would receive
+    got_probs, got_target = ddp.gather_in_order(shards[1], n)
+    assert torch.equal(got_target, target)
+    assert torch.equal(got_probs, probs)
+
+
+def test_hard_negatives_beyond_a_rank_shard_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from examples.common.config import PretrainConfig
+    from examples.common.pretrain import build_criterion
+
+    monkeypatch.setattr(ddp, "info", lambda: ddp.DistInfo(0, 4))
+    cfg = PretrainConfig(bank_size=100, k=32)
+    with pytest.raises(ValueError, match=r"pretrain.k: 32 .* shard of 25 \(bank_size 100 / 4 processes\)"):
+        build_criterion("comcl", cfg, 16, 10, torch.device("cpu"))
+    cfg = PretrainConfig(bank_size=100, k=25)
+    assert build_criterion("comcl", cfg, 16, 10, torch.device("cpu")).index.capacity == 25
+
+
+def test_fewer_test_images_than_processes_are_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from examples.common.config import FinetuneConfig, ModelConfig, PretrainConfig
+    from examples.common.pipeline import PipelineData, RunOptions, run_pipeline
+
+    monkeypatch.setattr(ddp, "info", lambda: ddp.DistInfo(0, 4))
+    data = PipelineData(views=list(range(8)), train=list(range(8)), test=list(range(3)), num_classes=2, group_names=[])
+    with pytest.raises(ValueError, match="the test set has 3 images, fewer than the 4 processes"):
+        run_pipeline(
+            "ce",
+            ModelConfig(),
+            PretrainConfig(batch_images=8),
+            FinetuneConfig(batch_size=8),
+            data,
+            tmp_path,
+            RunOptions(),
+        )
