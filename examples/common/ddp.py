@@ -197,14 +197,16 @@ def gather_in_order(parts: tuple[Tensor, ...], length: int) -> tuple[Tensor, ...
     return tuple(torch.cat([s[i] for s in shards])[inverse] for i in range(len(parts)))
 
 
-def _flat_all_reduce(tensors: list[Tensor]) -> None:
-    """Sum ``tensors`` over ranks in place with one all-reduce (grouped by dtype and device)."""
+def _flat_all_reduce(tensors: list[Tensor], average: bool) -> None:
+    """Sum (or average) ``tensors`` over ranks in place, one all-reduce per dtype and device."""
     groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for t in tensors:
         groups.setdefault((t.dtype, t.device), []).append(t)
     for group in groups.values():
         flat = torch.cat([t.reshape(-1) for t in group])
         dist.all_reduce(flat)
+        if average:
+            flat /= dist.get_world_size()
         offset = 0
         for t in group:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
@@ -222,9 +224,7 @@ def average_gradients(module: nn.Module) -> None:
         return
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if grads:
-        _flat_all_reduce(grads)
-        for g in grads:
-            g.div_(job.world_size)
+        _flat_all_reduce(grads, average=True)
 
 
 @torch.no_grad()
@@ -235,9 +235,7 @@ def average_buffers(module: nn.Module) -> None:
         return
     buffers = [b for b in module.buffers() if b.is_floating_point()]
     if buffers:
-        _flat_all_reduce(buffers)
-        for b in buffers:
-            b.div_(job.world_size)
+        _flat_all_reduce(buffers, average=True)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ The expensive part of :func:`~mlcl_losses.functional.multilevel_info_nce` is, fo
 an ``N x N`` computation. Three Triton kernels do it without materialising anything ``N x N``:
 
 * **forward**: one program per block of anchor rows streams over column blocks; each
-  ``(BLOCK_M, BLOCK_N)`` logit tile is one ``tl.dot`` shared by all levels; each level's
+  ``(BLOCK, BLOCK)`` logit tile is one ``tl.dot`` shared by all levels; each level's
   negative mask is built in registers from the tags (anchor and negative selectors, never
   itself, never the same source / image / label) and folded into a per-level online
   log-sum-exp. It also counts each anchor's negatives and sums their cosines (statistics).
@@ -54,12 +54,10 @@ logger = logging.getLogger(__name__)
 
 #: Use the Triton path on CUDA where it applies (set False to force the torch tiles, e.g. to compare).
 ENABLED: bool = True
-#: Anchor rows per program. 32 x 32 tiles with 4 warps and 2 pipeline stages compile for sm_90
+#: Rows and columns per tile. 32 x 32 tiles with 4 warps and 2 pipeline stages compile for sm_90
 #: without register spills at D <= 128 (64 x 64 spilled heavily: IEEE float32 ``tl.dot`` runs on
 #: CUDA cores, not tensor cores); measured with Triton 3.8's compiler, not yet timed on a GPU.
-BLOCK_M: int = 32
-#: Columns per tile.
-BLOCK_N: int = 32
+BLOCK: int = 32
 NUM_WARPS: int = 4
 NUM_STAGES: int = 2
 #: Largest embedding dimension: whole ``(BLOCK, D)`` rows are staged in shared memory.
@@ -161,7 +159,7 @@ class _NegLSE(torch.autograd.Function):
         image = source if tags.image is None else tags.image.contiguous()
         label = source if tags.label is None else tags.label.contiguous()
         with _on_device(z.device):
-            k.neg_lse_fwd[(math.ceil(n / BLOCK_M),)](
+            k.neg_lse_fwd[(math.ceil(n / BLOCK),)](
                 zc,
                 kind,
                 quality,
@@ -179,8 +177,7 @@ class _NegLSE(torch.autograd.Function):
                 NUM_LEVELS=n_levels,
                 HAS_IMG=tags.image is not None,
                 HAS_LAB=tags.label is not None,
-                BLOCK_M=BLOCK_M,
-                BLOCK_N=BLOCK_N,
+                BLOCK=BLOCK,
                 BLOCK_D=_block_d(d),
                 num_warps=NUM_WARPS,
                 num_stages=NUM_STAGES,
@@ -206,16 +203,16 @@ class _NegLSE(torch.autograd.Function):
             NUM_LEVELS=params.shape[0],
             HAS_IMG=has_img,
             HAS_LAB=has_lab,
-            BLOCK_M=BLOCK_M,
-            BLOCK_N=BLOCK_N,
+            BLOCK=BLOCK,
             BLOCK_D=_block_d(d),
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES,
         )
         args = (zc, kind, quality, source, image, label, params, lse_safe, g)
+        grid = (math.ceil(n / BLOCK),)
         with _on_device(zc.device):
-            k.neg_lse_bwd_rows[(math.ceil(n / BLOCK_M),)](*args, dz_rows, n, d, scale, zc.stride(0), **common)
-            k.neg_lse_bwd_cols[(math.ceil(n / BLOCK_N),)](*args, dz_cols, n, d, scale, zc.stride(0), **common)
+            k.neg_lse_bwd[grid](*args, dz_rows, n, d, scale, zc.stride(0), BY_COLS=False, **common)
+            k.neg_lse_bwd[grid](*args, dz_cols, n, d, scale, zc.stride(0), BY_COLS=True, **common)
         return (dz_rows + dz_cols).to(dtype), None, None, None
 
 

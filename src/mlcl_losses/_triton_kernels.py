@@ -2,8 +2,9 @@
 
 Shapes: ``Z (N, D)`` float32 row-major with row stride ``stride_z``; tag vectors ``(N,)``
 int64, contiguous; level parameters ``(NUM_LEVELS, 6)`` int32 (see ``_triton._PARAMS``); per-level
-row statistics ``(NUM_LEVELS, N)`` float32. ``BLOCK_D`` is a power of two >= D. Row offsets are
-computed in int64 (``rows * stride_z`` overflows int32 once ``N * D >= 2**31``).
+row statistics ``(NUM_LEVELS, N)`` float32. ``BLOCK`` rows and columns per tile; ``BLOCK_D`` a
+power of two >= D. Row offsets are computed in int64 (``rows * stride_z`` overflows int32 once
+``N * D >= 2**31``).
 """
 
 from __future__ import annotations
@@ -69,13 +70,12 @@ def neg_lse_fwd(
     NUM_LEVELS: tl.constexpr,
     HAS_IMG: tl.constexpr,
     HAS_LAB: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Per-level online log-sum-exp over each anchor row's negatives; negative counts and cosine sums."""
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < N
     dims = tl.arange(0, BLOCK_D)
     zr = tl.load(
@@ -83,12 +83,12 @@ def neg_lse_fwd(
     )
     rkind, rqual, rsrc, rimg, rlab = _row_tags(KIND, QUAL, SRC, IMG, LAB, rows, rmask)
     lv = tl.arange(0, 8)  # level axis of the running state (NUM_LEVELS <= 8)
-    m_run = tl.full((BLOCK_M, 8), float("-inf"), tl.float32)
-    s_run = tl.zeros((BLOCK_M, 8), tl.float32)
-    c_run = tl.zeros((BLOCK_M, 8), tl.float32)
-    cs_run = tl.zeros((BLOCK_M, 8), tl.float32)
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+    m_run = tl.full((BLOCK, 8), float("-inf"), tl.float32)
+    s_run = tl.zeros((BLOCK, 8), tl.float32)
+    c_run = tl.zeros((BLOCK, 8), tl.float32)
+    cs_run = tl.zeros((BLOCK, 8), tl.float32)
+    for start in range(0, N, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
         cmask = cols < N
         zc = tl.load(
             Z + cols[:, None].to(tl.int64) * stride_z + dims[None, :],
@@ -159,7 +159,7 @@ def _grad_tile(
 
 
 @triton.jit
-def neg_lse_bwd_rows(
+def neg_lse_bwd(
     Z,
     KIND,
     QUAL,
@@ -177,74 +177,40 @@ def neg_lse_bwd_rows(
     NUM_LEVELS: tl.constexpr,
     HAS_IMG: tl.constexpr,
     HAS_LAB: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BY_COLS: tl.constexpr,
 ):
-    """``dz_i = scale * sum_j G_ij z_j`` for a block of anchor rows."""
+    """The gradient's two halves, each block of embeddings owned by one program (no atomics).
+
+    ``BY_COLS=False``: ``dz_i = scale * sum_j G_ij z_j`` for a block of anchor rows ``i``;
+    ``BY_COLS=True``: ``dz_j = scale * sum_i G_ij z_i`` for a block of columns ``j``.
+    """
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < N
     dims = tl.arange(0, BLOCK_D)
     dmask = dims[None, :] < D
-    zr = tl.load(Z + rows[:, None].to(tl.int64) * stride_z + dims[None, :], mask=rmask[:, None] & dmask, other=0.0)
-    rkind, rqual, rsrc, rimg, rlab = _row_tags(KIND, QUAL, SRC, IMG, LAB, rows, rmask)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        zc = tl.load(Z + cols[:, None].to(tl.int64) * stride_z + dims[None, :], mask=cmask[:, None] & dmask, other=0.0)
-        cos = tl.dot(zr, tl.trans(zc), input_precision="ieee")
-        ckind, cqual, csrc, cimg, clab = _row_tags(KIND, QUAL, SRC, IMG, LAB, cols, cmask)
-        grad = _grad_tile(
-            cos, rows, cols, rmask, cmask, rkind, rqual, rsrc, rimg, rlab, ckind, cqual, csrc, cimg, clab,
-            LVL, LSE, G, N, scale, NUM_LEVELS, HAS_IMG, HAS_LAB,
-        )  # fmt: skip
-        acc += tl.dot(grad, zc, input_precision="ieee")
-    tl.store(DZ + rows[:, None].to(tl.int64) * D + dims[None, :], acc * scale, mask=rmask[:, None] & dmask)
-
-
-@triton.jit
-def neg_lse_bwd_cols(
-    Z,
-    KIND,
-    QUAL,
-    SRC,
-    IMG,
-    LAB,
-    LVL,
-    LSE,
-    G,
-    DZ,
-    N,
-    D,
-    scale,
-    stride_z,
-    NUM_LEVELS: tl.constexpr,
-    HAS_IMG: tl.constexpr,
-    HAS_LAB: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """``dz_j = scale * sum_i G_ij z_i`` for a block of columns (every anchor block visited in turn)."""
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
-    dims = tl.arange(0, BLOCK_D)
-    dmask = dims[None, :] < D
-    zc = tl.load(Z + cols[:, None].to(tl.int64) * stride_z + dims[None, :], mask=cmask[:, None] & dmask, other=0.0)
-    ckind, cqual, csrc, cimg, clab = _row_tags(KIND, QUAL, SRC, IMG, LAB, cols, cmask)
-    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    for start in range(0, N, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        rmask = rows < N
-        zr = tl.load(Z + rows[:, None].to(tl.int64) * stride_z + dims[None, :], mask=rmask[:, None] & dmask, other=0.0)
-        cos = tl.dot(zr, tl.trans(zc), input_precision="ieee")
-        rkind, rqual, rsrc, rimg, rlab = _row_tags(KIND, QUAL, SRC, IMG, LAB, rows, rmask)
-        grad = _grad_tile(
-            cos, rows, cols, rmask, cmask, rkind, rqual, rsrc, rimg, rlab, ckind, cqual, csrc, cimg, clab,
-            LVL, LSE, G, N, scale, NUM_LEVELS, HAS_IMG, HAS_LAB,
-        )  # fmt: skip
-        acc += tl.dot(tl.trans(grad), zr, input_precision="ieee")
-    tl.store(DZ + cols[:, None].to(tl.int64) * D + dims[None, :], acc * scale, mask=cmask[:, None] & dmask)
+    own = pid * BLOCK + tl.arange(0, BLOCK)
+    omask = own < N
+    zo = tl.load(Z + own[:, None].to(tl.int64) * stride_z + dims[None, :], mask=omask[:, None] & dmask, other=0.0)
+    okind, oqual, osrc, oimg, olab = _row_tags(KIND, QUAL, SRC, IMG, LAB, own, omask)
+    acc = tl.zeros((BLOCK, BLOCK_D), tl.float32)
+    for start in range(0, N, BLOCK):
+        other = start + tl.arange(0, BLOCK)
+        xmask = other < N
+        zx = tl.load(Z + other[:, None].to(tl.int64) * stride_z + dims[None, :], mask=xmask[:, None] & dmask, other=0.0)
+        xkind, xqual, xsrc, ximg, xlab = _row_tags(KIND, QUAL, SRC, IMG, LAB, other, xmask)
+        if BY_COLS:  # the other block holds the anchors
+            cos = tl.dot(zx, tl.trans(zo), input_precision="ieee")
+            grad = _grad_tile(
+                cos, other, own, xmask, omask, xkind, xqual, xsrc, ximg, xlab, okind, oqual, osrc, oimg, olab,
+                LVL, LSE, G, N, scale, NUM_LEVELS, HAS_IMG, HAS_LAB,
+            )  # fmt: skip
+            acc += tl.dot(tl.trans(grad), zx, input_precision="ieee")
+        else:
+            cos = tl.dot(zo, tl.trans(zx), input_precision="ieee")
+            grad = _grad_tile(
+                cos, own, other, omask, xmask, okind, oqual, osrc, oimg, olab, xkind, xqual, xsrc, ximg, xlab,
+                LVL, LSE, G, N, scale, NUM_LEVELS, HAS_IMG, HAS_LAB,
+            )  # fmt: skip
+            acc += tl.dot(grad, zx, input_precision="ieee")
+    tl.store(DZ + own[:, None].to(tl.int64) * D + dims[None, :], acc * scale, mask=omask[:, None] & dmask)
