@@ -281,6 +281,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per case (0: torch default)")
     parser.add_argument("--mem-cap", type=float, default=4.0, help="GiB of heap per CPU case (0: no limit)")
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--out", type=Path, default=None, help="result JSON (default: results/loss_<device>.json)")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -325,11 +326,11 @@ def main() -> None:
     print(table(rows, sizes))
     RESULTS.mkdir(exist_ok=True)
     tag = "cuda" if cuda else "cpu"
-    out = RESULTS / f"loss_{tag}.json"
+    out = args.out or RESULTS / f"loss_{tag}.json"
     out.write_text(json.dumps({"machine": info, "dim": DIM, "temperature": TEMPERATURE, "rows": rows}, indent=1))
     curve = sorted((r["n"], r["peak_mib"]) for r in rows if r["method"] == "ours_fused" and r["status"] == "ok")
     if len(curve) >= 2:
-        plot(curve, RESULTS / f"loss_memory_{tag}.png")
+        plot(curve, RESULTS / f"loss_memory_{tag}.png" if args.out is None else args.out.with_suffix(".png"))
     print(f"\nwrote {out}")
 
 
