@@ -28,6 +28,20 @@ def render_fast(render: Callable[[], _T]) -> _T:
     return dataclasses.replace(sample, **{k: v.clone() for k, v in tensors.items() if isinstance(v, Tensor)})  # type: ignore[type-var]
 
 
+def render_sample(index: int, n: int, render: Callable[[int], _T]) -> _T:
+    """``render(i)`` for sample ``index`` of ``n`` (negative indices count from the end), via :func:`render_fast`.
+
+    Raises:
+        TypeError: ``index`` is not an int.
+        IndexError: ``index`` outside ``[-n, n)``.
+    """
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise TypeError(f"Expected `index` to be an int, but got {index!r}")
+    if not -n <= index < n:
+        raise IndexError(f"Expected `index` in [-{n}, {n}), but got {index}")
+    return render_fast(lambda: render(index % n))
+
+
 def rand(g: torch.Generator, *shape: int) -> Tensor:
     """Uniform ``[0, 1)`` float32 draws of ``shape`` (CPU generator)."""
     return torch.rand(shape, generator=g)

@@ -42,7 +42,17 @@ from torch import Tensor
 
 from mlcl_losses.degrade._common import mix_seed, smooth_noise
 from mlcl_losses.degrade.fundus import FUNDUS_COMBINATIONS, _degrade_one
-from mlcl_losses.synthetic._draw import blobs, choice, draw_lines, pick_points, rand, randint, randn, render_fast, walk
+from mlcl_losses.synthetic._draw import (
+    blobs,
+    choice,
+    draw_lines,
+    pick_points,
+    rand,
+    randint,
+    randn,
+    render_sample,
+    walk,
+)
 
 __all__ = ["FUNDUS_LESIONS", "FundusSample", "SyntheticFundus"]
 
@@ -177,11 +187,7 @@ class SyntheticFundus:
 
     def __getitem__(self, index: int) -> FundusSample:
         """Render sample ``index`` (negative indices count from the end)."""
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise TypeError(f"Expected `index` to be an int, but got {index!r}")
-        if not -self.n <= index < self.n:
-            raise IndexError(f"Expected `index` in [-{self.n}, {self.n}), but got {index}")
-        return render_fast(lambda: self._render(index % self.n))
+        return render_sample(index, self.n, self._render)
 
     def _render(self, index: int) -> FundusSample:
         g = torch.Generator().manual_seed(mix_seed(self.seed, index))

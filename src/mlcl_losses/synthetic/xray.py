@@ -42,7 +42,7 @@ from torch import Tensor
 
 from mlcl_losses.degrade._common import mix_seed, smooth_noise
 from mlcl_losses.degrade.xray import _random_xray_kinds, degrade_xray
-from mlcl_losses.synthetic._draw import blobs, choice, draw_lines, rand, randn, render_fast, walk
+from mlcl_losses.synthetic._draw import blobs, choice, draw_lines, rand, randn, render_sample, walk
 from mlcl_losses.synthetic.fundus import _check_probs, _check_ranges
 
 __all__ = ["CHESTXRAY14_LABELS", "ChestXraySample", "SyntheticChestXray"]
@@ -156,11 +156,7 @@ class SyntheticChestXray:
 
     def __getitem__(self, index: int) -> ChestXraySample:
         """Render sample ``index`` (negative indices count from the end)."""
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise TypeError(f"Expected `index` to be an int, but got {index!r}")
-        if not -self.n <= index < self.n:
-            raise IndexError(f"Expected `index` in [-{self.n}, {self.n}), but got {index}")
-        return render_fast(lambda: self._render(index % self.n))
+        return render_sample(index, self.n, self._render)
 
     def _render(self, index: int) -> ChestXraySample:
         g = torch.Generator().manual_seed(mix_seed(self.seed, index, 1))
