@@ -18,6 +18,7 @@ from mlcl_losses.degrade import (
     estimate_fov,
     jpeg_compress,
 )
+from mlcl_losses.degrade.fundus import _HALO_TINTS, _fov_geometry
 from mlcl_losses.synthetic import render_chest_xray, render_fundus
 
 
@@ -115,6 +116,46 @@ def test_blur_lowers_sharpness() -> None:
 def test_contrast_compression_lowers_std() -> None:
     std = [float(degrade_xray(XRAY, v, ("contrast",), seed=0).std()) for v in SEVERITIES]
     assert all(a > b for a, b in zip(std, std[1:], strict=False)), std
+
+
+def _naive_illumination(img: torch.Tensor, fov: torch.Tensor, s: float, g: torch.Generator) -> torch.Tensor:
+    """Shen et al.'s colour shift, halo and dark hole, step by step from the module's formulas (float64)."""
+    c, h, w = img.shape
+    cx, cy, radius = _fov_geometry(fov[0])
+    r = torch.rand(16, generator=g).double().tolist()
+    tint = _HALO_TINTS[int(r[0] * 3) % 3].double()
+    x, inside = img.double(), fov[0]
+
+    def grey_of(t: torch.Tensor) -> torch.Tensor:
+        return 0.299 * t[0] + 0.587 * t[1] + 0.114 * t[2] if c == 3 else t.mean(0)
+
+    out = x * (1.0 + s * (-0.45 + 0.75 * r[1]))
+    mean_grey = grey_of(out)[inside].mean()
+    out = (mean_grey + (1.0 - s * (0.15 + 0.45 * r[2])) * (out - mean_grey)).clamp(0, 1)
+    if c == 3:
+        grey = grey_of(out)
+        out = (grey + (1.0 + s * (-0.5 + 0.9 * r[3])) * (out - grey)).clamp(0, 1)
+    ys, xs = torch.meshgrid(torch.arange(h).double(), torch.arange(w).double(), indexing="ij")
+    hx, hy = cx + radius * 0.3 * (2 * r[4] - 1), cy + radius * 0.3 * (2 * r[5] - 1)
+    inner, soft = radius * (0.5 + 0.35 * r[6]), radius * (0.12 + 0.18 * r[7])
+    ring = torch.sigmoid((((xs - hx) ** 2 + (ys - hy) ** 2).sqrt() - inner) / soft)
+    amp = s * (0.6 + 0.6 * r[8]) * x.mean(0)[inside].mean()
+    out = out + amp * (tint if c == 3 else tint.mean().view(1)).view(c, 1, 1) * ring
+    ox, oy = cx + radius * 0.35 * (2 * r[9] - 1), cy + radius * 0.35 * (2 * r[10] - 1)
+    hole_r = radius * (0.3 + 0.25 * r[11])
+    disc = torch.sigmoid((hole_r - ((xs - ox) ** 2 + (ys - oy) ** 2).sqrt()) / (hole_r * (0.3 + 0.3 * r[12])))
+    return (out - s * (0.12 + 0.2 * r[13]) * disc).clamp(0, 1)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("severity", [0.2, 1.0])
+def test_fundus_illumination_equals_naive_formulas(channels: int, severity: float) -> None:
+    image, fov = FUNDUS
+    image = image[:channels]
+    out = degrade_fundus(image, severity, ("illumination",), fov=fov, seed=3)
+    expected = torch.where(fov, _naive_illumination(image, fov, severity, torch.Generator().manual_seed(3)), image)
+    assert float((out.double() - expected).abs().max()) < 2e-6
+    assert float((out - image).abs().max()) > 0.05  # it did degrade
 
 
 # ---------------------------------------------------------------- field of view, range, shape, dtype

@@ -22,6 +22,7 @@ from mlcl_losses.synthetic import (
     view_records,
 )
 from mlcl_losses.synthetic._draw import draw_lines, splat, walk
+from mlcl_losses.synthetic.fundus import _centred_fov_geometry
 from mlcl_losses.synthetic.xray import LOCALISED
 from mlcl_losses.views import FourViewDataset, FourViewSampler, collate_four_views
 
@@ -310,6 +311,14 @@ def test_fov_geometry_equals_mean_of_pixel_indices(size: int) -> None:
         rows, cols = torch.nonzero(fov, as_tuple=True)
         expected = (float(cols.float().mean()), float(rows.float().mean()), math.sqrt(int(fov.sum()) / math.pi))
         assert _fov_geometry(fov) == expected
+
+
+@pytest.mark.parametrize("size", [32, 33, 64, 255, 256], ids=lambda s: f"S{s}")
+def test_renderer_fov_geometry_is_the_moment_geometry(size: int) -> None:
+    """The renderer hands the degradation its FOV's centre and radius; they equal those from the moments."""
+    for seed in range(10):
+        _, fov, _, _ = render_fundus(size, 0, torch.Generator().manual_seed(seed))
+        assert _centred_fov_geometry(fov) == _fov_geometry(fov[0])
 
 
 @pytest.mark.parametrize("cls", [SyntheticFundus, SyntheticChestXray])

@@ -48,7 +48,7 @@ __all__ = ["EyeQDataConfig", "RealEyeQConfig", "SyntheticConfig", "build_data"]
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: faster fundus renderer (two vessel width bins, lesion draws only for present kinds)
 QUALITY_NAMES = ds.EYEQ_QUALITY_NAMES  # Good, Usable, Reject
 NUM_GRADES = ds.EYEQ_DR_GRADES
 

@@ -209,7 +209,7 @@ def masked_blur(x: Tensor, mask: Tensor, sigma: float) -> Tensor:
     m = mask.to(x.dtype)
     num = gaussian_blur(x * m, sigma)
     den = gaussian_blur(m, sigma)
-    return torch.where(m > 0, num / den.clamp_min(1e-6), x)
+    return torch.where(mask > 0, num.div_(den.clamp_min_(1e-6)), x)
 
 
 def smooth_noise(generator: torch.Generator, shape: tuple[int, int], grid: int, channels: int = 1) -> Tensor:

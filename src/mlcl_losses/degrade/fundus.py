@@ -66,6 +66,7 @@ FUNDUS_COMBINATIONS: tuple[tuple[FundusKind, ...], ...] = tuple(
 # Tints of leaked light (halo), as RGB in [0, 1]: whitish, cyan, yellow-green (Shen et al.'s three styles).
 _HALO_TINTS = torch.tensor([[251, 249, 246], [141, 238, 238], [177, 195, 147]], dtype=torch.float32) / 255.0
 _MAX_SPOTS = 20
+_LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601 grey of RGB
 
 
 def estimate_fov(image: Tensor, threshold: float = 0.04) -> Tensor:
@@ -143,37 +144,37 @@ def _illumination(img: Tensor, fov: Tensor, s: float, g: torch.Generator, geo: t
     cx, cy, radius = geo
     r = uniform(g, 16, 0.0, 1.0).tolist()
     tint = _HALO_TINTS[int(r[0] * 3) % 3].to(img)
-    inside = fov.to(img.dtype)
-    n_in = inside.sum().clamp_min(1.0)
+    flat = img.reshape(c, h * w)
+    luma = _LUMA.to(img) if c == 3 else torch.full((c,), 1.0 / c, dtype=img.dtype, device=img.device)
+    # per-channel sums inside the FOV (one matrix-vector product) give both FOV means
+    sums = flat @ fov.reshape(h * w).to(img.dtype)
+    n_in = fov.sum().clamp_min(1)
     # colour: brightness (x b), contrast (towards the mean grey), saturation (towards the pixel's grey)
     brightness = 1.0 + s * (-0.45 + 0.75 * r[1])  # [0.55, 1.3] at s = 1
     contrast = 1.0 - s * (0.15 + 0.45 * r[2])  # [0.4, 0.85]
     saturation = 1.0 + s * (-0.5 + 0.9 * r[3])  # [0.5, 1.4]
-    out = img * brightness
-    grey = out.mean(0, keepdim=True) if c != 3 else (0.299 * out[0] + 0.587 * out[1] + 0.114 * out[2]).unsqueeze(0)
-    mean_grey = (grey * inside).sum() / n_in
-    out = (mean_grey + contrast * (out - mean_grey)).clamp(0, 1)
+    mean_grey = brightness * (luma @ sums) / n_in  # mean grey of the brightened image inside the FOV
+    out = (img * (brightness * contrast)).add_(mean_grey * (1.0 - contrast)).clamp_(0, 1)
     if c == 3:
-        grey = (0.299 * out[0] + 0.587 * out[1] + 0.114 * out[2]).unsqueeze(0)
-        out = (grey + saturation * (out - grey)).clamp(0, 1)
+        grey = (luma @ out.reshape(3, h * w)).view(1, h, w)
+        out = out.mul_(saturation).add_(grey, alpha=1.0 - saturation).clamp_(0, 1)
     xs, ys = _grids(h, w, img.device, img.dtype)
     # halo: light leaking in from the rim, a soft ring outside a circle off the FOV centre
     hx, hy = cx + radius * 0.3 * (2 * r[4] - 1), cy + radius * 0.3 * (2 * r[5] - 1)
     inner = radius * (0.5 + 0.35 * r[6])
     soft = radius * (0.12 + 0.18 * r[7])
-    ring = torch.sigmoid((torch.sqrt((xs - hx) ** 2 + (ys - hy) ** 2) - inner) / soft)  # (H, W)
-    mean_level = (img.mean(0) * inside[0]).sum() / n_in
+    ring = torch.hypot(xs - hx, ys - hy).sub_(inner).div_(soft).sigmoid_()  # (H, W)
+    mean_level = sums.sum() / (c * n_in)
     amp = s * (0.6 + 0.6 * r[8]) * mean_level
-    halo_tint = tint if c == 3 else tint.mean().view(1)
-    out = out + amp * halo_tint.view(c, 1, 1) * ring
+    halo = amp * (tint if c == 3 else tint.mean().view(1))
+    out.addcmul_(halo.view(c, 1, 1), ring)
     # dark hole: a soft dark disc near the centre (under-exposed region)
     ox, oy = cx + radius * 0.35 * (2 * r[9] - 1), cy + radius * 0.35 * (2 * r[10] - 1)
     hole_r = radius * (0.3 + 0.25 * r[11])
     hole_soft = hole_r * (0.3 + 0.3 * r[12])
-    disc = torch.sigmoid((hole_r - torch.sqrt((xs - ox) ** 2 + (ys - oy) ** 2)) / hole_soft)
+    disc = torch.hypot(xs - ox, ys - oy).sub_(hole_r).div_(-hole_soft).sigmoid_()
     depth = s * (0.12 + 0.2 * r[13])
-    out = out - depth * disc
-    return out.clamp(0, 1)
+    return out.sub_(disc, alpha=depth).clamp_(0, 1)
 
 
 def _spots(img: Tensor, s: float, g: torch.Generator, geo: tuple[float, float, float]) -> Tensor:
@@ -195,7 +196,7 @@ def _spots(img: Tensor, s: float, g: torch.Generator, geo: tuple[float, float, f
     gx = torch.exp(-0.5 * ((xs[None, :] - px[:, None]) / sigma[:, None]) ** 2)  # (n, W)
     gy = torch.exp(-0.5 * ((ys[None, :] - py[:, None]) / sigma[:, None]) ** 2)  # (n, H)
     field = (gy * height[:, None]).T @ gx  # (H, W): sum of separable Gaussian spots
-    return (img + field.unsqueeze(0)).clamp(0, 1)
+    return (img + field.unsqueeze(0)).clamp_(0, 1)
 
 
 def _blur(img: Tensor, fov: Tensor, s: float, g: torch.Generator, geo: tuple[float, float, float]) -> Tensor:
@@ -204,7 +205,7 @@ def _blur(img: Tensor, fov: Tensor, s: float, g: torch.Generator, geo: tuple[flo
     noise = torch.randn(img.shape, generator=g, device=g.device).to(img)
     sigma = s * (0.6 + 0.4 * float(r)) * 0.028 * geo[2]  # up to ~3.5 px for a 256 px image
     out = masked_blur(img.unsqueeze(0), fov.unsqueeze(0), sigma)[0]
-    return (out + s * 0.012 * noise).clamp(0, 1)
+    return torch.add(out, noise, alpha=s * 0.012).clamp_(0, 1)
 
 
 def _degrade_one(

@@ -80,6 +80,7 @@ _LESION_COUNTS: tuple[tuple[tuple[int, int], ...], ...] = (
 _RED = torch.tensor([0.42, 0.05, 0.03])
 _EXUDATE = torch.tensor([0.97, 0.88, 0.42])
 _COTTON = torch.tensor([0.92, 0.86, 0.76])
+_NV_TINT = 0.6 * torch.tensor([0.5, 0.85, 0.8])  # opacity of new vessels per channel
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ class SyntheticFundus:
         combo = FUNDUS_COMBINATIONS[randint(g, 0, len(FUNDUS_COMBINATIONS) - 1)]
         clean, fov, boxes, kinds = render_fundus(self.size, grade, g)
         if severity > 0:  # the renderer's output needs no checks
-            image = _degrade_one(clean, fov, severity, combo, g)
+            image = _degrade_one(clean, fov, severity, combo, g, _centred_fov_geometry(fov))
         else:
             image, combo = clean.clone(), ()
         return FundusSample(
@@ -215,57 +216,77 @@ class SyntheticFundus:
         )
 
 
+def _centred_fov_geometry(fov: Tensor) -> tuple[float, float, float]:
+    """``(cx, cy, radius)`` of the renderer's FOV ``(1, S, S)``, equal to ``degrade.fundus._fov_geometry``'s.
+
+    The FOV is a disc centred on the image centre and symmetric under both flips (its pixel
+    distances are computed symmetrically), so the mean pixel index is the centre exactly;
+    only the area needs counting.
+    """
+    s = fov.shape[-1]
+    return (s - 1) / 2, (s - 1) / 2, math.sqrt(int(fov.sum()) / math.pi)
+
+
+# The eight main vessel trunks in a canonical frame (temporal = -x before mirroring, superior = -y):
+# the temporal arcades start up/down and slightly temporal, then curve round the macula; the nasal
+# vessels fan out. Rows: initial heading (rad), curvature (x 1.35 / radius), length (x radius),
+# width (px at 256 px), artery (1) or vein (0).
+_TRUNKS = torch.tensor(
+    [
+        [-1.95, 1.95, -2.05, 2.05, -1.05, 1.05, -0.45, 0.45],
+        [-1.0, 1.0, -1.0, 1.0, 0.3, -0.3, 0.1, -0.1],
+        [1.25, 1.25, 1.15, 1.15, 0.7, 0.7, 0.65, 0.65],
+        [1.55, 1.55, 1.2, 1.2, 1.3, 1.1, 1.0, 1.1],
+        [0, 0, 1, 1, 0, 1, 1, 0],
+    ]
+)
+
+
 def _vessel_tree(g: torch.Generator, s: int, disc: tuple[float, float], side: float, radius: float) -> Tensor:
-    """Opacity maps ``(2, S, S)`` (veins, arteries) of a vessel tree rooted at the disc."""
+    """Opacity maps ``(2, S, S)`` (veins, arteries) of a vessel tree rooted at the disc.
+
+    Three levels: the eight trunks, three branches off each, one branch off each branch.
+    """
     scale = s / 256.0
     step = 1.2 * scale
-    # main trunks in a canonical frame (temporal = -x before mirroring, superior = -y):
-    # temporal arcades curve round the macula, nasal vessels fan out
-    # headings: temporal arcades start up/down and slightly temporal, then bend temporal
-    theta0 = torch.tensor([-1.95, 1.95, -2.05, 2.05, -1.05, 1.05, -0.45, 0.45]) + 0.12 * randn(g, 8)
-    curv = torch.tensor([-1.0, 1.0, -1.0, 1.0, 0.3, -0.3, 0.1, -0.1]) * (1.35 / radius) * (1 + 0.15 * randn(g, 8))
-    length = torch.tensor([1.25, 1.25, 1.15, 1.15, 0.7, 0.7, 0.65, 0.65]) * radius * (1 + 0.1 * randn(g, 8))
-    width = torch.tensor([1.55, 1.55, 1.2, 1.2, 1.3, 1.1, 1.0, 1.1]) * scale
-    is_artery = torch.tensor([0, 0, 1, 1, 0, 1, 1, 0], dtype=torch.bool)
-    starts = torch.tensor([disc]).repeat(8, 1) + randn(g, 8, 2) * 2 * scale
-    # mirror for the eye side: the temporal direction is -x for side=+1 (disc right of centre)
-    theta0 = torch.where(torch.tensor(side > 0), theta0, math.pi - theta0)
-    curv = curv * side
-    all_pts, all_w, all_art = [], [], []
-    levels = [(starts, theta0, curv, length, width, is_artery)]
-    for level in range(3):
-        st, th, cv, ln, wd, art = levels[-1]
-        n = st.shape[0]
-        steps = int(float(ln.max()) / step) + 1
-        pts, heads = walk(g, st, th, cv, steps, step, wiggle=0.035)
-        t = torch.arange(steps, dtype=torch.float32)[None, :] * step
-        valid = t <= ln[:, None]  # (n, steps)
-        taper = wd[:, None] * (1.0 - 0.45 * (t / ln[:, None]).clamp(0, 1))
-        all_pts.append(pts[valid])
-        all_w.append(taper[valid])
-        all_art.append(art[:, None].expand(n, steps)[valid])
-        if level == 2:
+    heading, curv, length, width, artery = _TRUNKS.unbind()
+    z = randn(g, 5, 8)
+    theta = heading + 0.12 * z[0]
+    if side < 0:  # mirror for the eye side: the temporal direction is -x for side=+1 (disc right of centre)
+        theta = math.pi - theta
+    curv = curv * (z[1] * 0.15 + 1.0) * (side * 1.35 / radius)
+    length = length * (z[2] * 0.1 + 1.0) * radius
+    width = width * scale
+    start = z[3:].T.mul(2 * scale).add_(torch.tensor(disc))
+    points, widths, arteries = [], [], []
+    for kids in (3, 1, 0):  # branches off each vessel of this level
+        n = start.shape[0]
+        steps = int(float(length.max()) / step) + 1
+        pts, heads = walk(g, start, theta, curv, steps, step, wiggle=0.035)
+        frac = torch.arange(steps, dtype=torch.float32).mul_(step) / length[:, None]  # (n, steps) along the vessel
+        points.append(pts.reshape(-1, 2))
+        # tapering width; -1 marks the points beyond the vessel's length (dropped below)
+        taper = frac.clamp(max=1.0).mul_(-0.45).add_(1.0).mul_(width[:, None])
+        widths.append(taper.masked_fill_(frac > 1, -1.0).view(-1))
+        arteries.append(artery.repeat_interleave(steps))
+        if not kids:
             break
-        kids = 3 if level == 0 else 1
-        frac = 0.15 + 0.7 * rand(g, n, kids)  # branch points along the parent
-        idx = (frac * ln[:, None] / step).long().clamp(0, steps - 1)
-        sign = torch.where(rand(g, n, kids) < 0.5, -1.0, 1.0)
-        k_st = pts[torch.arange(n)[:, None], idx].reshape(-1, 2)
-        k_th = (heads[torch.arange(n)[:, None], idx] + sign * (0.45 + 0.5 * rand(g, n, kids))).reshape(-1)
-        k_cv = (randn(g, n * kids) * 0.6 / radius).reshape(-1)
-        k_ln = (ln[:, None] * (0.3 + 0.35 * rand(g, n, kids))).reshape(-1)
-        k_wd = (wd[:, None] * (0.55 + 0.15 * rand(g, n, kids))).reshape(-1)
-        k_art = art[:, None].expand(n, kids).reshape(-1)
-        levels.append((k_st, k_th, k_cv, k_ln, k_wd, k_art))
-    pts_all, w_all, art_all = torch.cat(all_pts), torch.cat(all_w), torch.cat(all_art)
-    bins = torch.tensor([0.55, 0.9, 1.35]) * scale
-    widths = torch.where(art_all, w_all * 0.85, w_all)
-    return draw_lines(pts_all, widths, step, s, s, bins, art_all.long(), 2)
-
-
-def _box_from(cx: Tensor, cy: Tensor, half: Tensor, s: int) -> Tensor:
-    """``(n, 4)`` boxes centred at ``(cx, cy)`` with half-sides ``half``, clipped to the image."""
-    return torch.stack((cx - half, cy - half, cx + half, cy + half), dim=1).clamp(0, s - 1)
+        u = rand(g, 5, n, kids)
+        at = ((0.15 + 0.7 * u[0]) * (length / step)[:, None]).long().clamp_(max=steps - 1)  # branch points
+        at += torch.arange(0, n * steps, steps)[:, None]
+        start = points[-1][at.view(-1)]
+        turn = torch.where(u[1] < 0.5, -1.0, 1.0).mul_(0.45 + 0.5 * u[2])
+        theta = (heads.view(-1)[at] + turn).view(-1)
+        curv = randn(g, n * kids) * (0.6 / radius)
+        length = (length[:, None] * (0.3 + 0.35 * u[3])).view(-1)
+        width = (width[:, None] * (0.55 + 0.15 * u[4])).view(-1)
+        artery = artery.repeat_interleave(kids)
+    w_all = torch.cat(widths)
+    keep = w_all >= 0
+    pts_all, w_all, art_all = torch.cat(points)[keep], w_all[keep], torch.cat(arteries)[keep]
+    bins = torch.tensor([0.6, 1.3]) * scale  # two width bins: one blur each
+    widths_all = torch.where(art_all > 0, w_all * 0.85, w_all)
+    return draw_lines(pts_all, widths_all, step, s, s, bins, art_all.long(), 2)
 
 
 def render_fundus(size: int, grade: int, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -281,7 +302,6 @@ def render_fundus(size: int, grade: int, g: torch.Generator) -> tuple[Tensor, Te
         ``x1, y1, x2, y2``, ``lesion_kinds (K,)`` int64 indices into :data:`~mlcl_losses.synthetic.FUNDUS_LESIONS`.
     """
     s = size
-    scale = s / 256.0
     c = (s - 1) / 2.0
     radius = s * (0.455 + 0.02 * float(rand(g, 1)))
     side = 1.0 if float(rand(g, 1)) < 0.5 else -1.0  # disc right or left of centre
@@ -325,113 +345,129 @@ def render_fundus(size: int, grade: int, g: torch.Generator) -> tuple[Tensor, Te
         win = win * (1 - alpha) + disc_col.view(3, 1, 1) * (alpha * vs)
         win = win * (1 - alpha_cup) + torch.tensor([1.0, 0.95, 0.82]).view(3, 1, 1) * (alpha_cup * vs)
         img[:, y0:y1, x0:x1] = win
-    # lesions
-    boxes: list[Tensor] = []
-    kinds: list[Tensor] = []
-    counts = [randint(g, lo, hi) for lo, hi in _LESION_COUNTS[grade]]
+    # lesions: only the kinds of the grade are drawn (absent kinds draw no randomness and add no field)
+    counts = [randint(g, lo, hi) if hi else 0 for lo, hi in _LESION_COUNTS[grade]]
     avoid = (disc_x, disc_y, 1.8 * disc_r)
-    red_field = torch.zeros(s, s)
-    # microaneurysms: tiny dark-red dots
-    n = counts[_MA]
+    red: list[_Blobs] = []
+    found: list[tuple[int, Tensor]] = []  # (kind, boxes), in FUNDUS_LESIONS order
+    if counts[_MA]:
+        blob, box = _microaneurysms(g, counts[_MA], c, radius, avoid, s)
+        red.append(blob)
+        found.append((_MA, box))
+    if counts[_HEM]:
+        blob, box = _haemorrhages(g, counts[_HEM], c, radius, avoid, s)
+        red.append(blob)
+        found.append((_HEM, box))
+    if counts[_EX]:
+        ex_blobs, box = _hard_exudates(g, counts[_EX], (mac_x, mac_y), c, radius, s)
+        found.append((_EX, box))
+        ex_field = blobs(s, s, *ex_blobs)
+    if counts[_CWS]:
+        cw_blobs, box = _cotton_wool_spots(g, counts[_CWS], c, radius, avoid, s)
+        found.append((_CWS, box))
+        cw_field = blobs(s, s, *cw_blobs)
+        cw_field.mul_(smooth_noise(g, (s, s), 40)[0].mul_(0.25).add_(1.0))
+    if counts[_NV]:
+        nv_alpha, box = _neovascularisation(g, counts[_NV], (disc_x, disc_y), c, radius, s)
+        found.append((_NV, box))
+    # composite: cotton wool, exudates, red lesions, new vessels
+    if counts[_CWS]:
+        img.lerp_(_COTTON.view(3, 1, 1).expand(3, s, s), cw_field.clamp_(0, 0.85))
+    if counts[_EX]:
+        img.lerp_(_EXUDATE.view(3, 1, 1) * shade.mul(0.15).add_(0.85), ex_field.clamp_(0, 1))
+    if red:
+        red_field = blobs(s, s, *(torch.cat(parts) for parts in zip(*red, strict=True)))
+        img.lerp_(_RED.view(3, 1, 1) * shade.clamp(0.3, 1.0), red_field.clamp_(0, 1))
+    if counts[_NV]:
+        img.mul_((_NV_TINT.view(3, 1, 1) * nv_alpha).neg_().add_(1.0))
+    img.add_(randn(g, 1, s, s), alpha=0.006).clamp_(0, 1).mul_(fov)
+    box_t = torch.cat([box for _, box in found]).float() if found else torch.zeros(0, 4)
+    kind_t = torch.cat([torch.full((len(box),), kind) for kind, box in found]) if found else torch.zeros(0)
+    return img, fov.unsqueeze(0), box_t, kind_t.long()
+
+
+#: Parameters ``(cx, cy, sx, sy, amp)`` of Gaussian blobs (see :func:`~mlcl_losses.synthetic._draw.blobs`).
+_Blobs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _microaneurysms(
+    g: torch.Generator, n: int, c: float, radius: float, avoid: tuple[float, float, float], s: int
+) -> tuple[_Blobs, Tensor]:
+    """Tiny dark-red dots: their blobs and ``(n, 4)`` boxes."""
+    scale = s / 256.0
     pts = pick_points(g, n, c, c, 0.8 * radius, avoid)
     sig = (0.9 + 0.6 * rand(g, n)) * scale
-    red_field += blobs(s, s, pts[:, 0], pts[:, 1], sig, sig, torch.full((n,), 2.6))
-    boxes.append(_box_from(pts[:, 0], pts[:, 1], (2.6 * sig).clamp_min(2.0), s))
-    kinds.append(torch.full((n,), _MA))
-    # haemorrhages: dot-blot clusters of 1-3 anisotropic blobs
-    n = counts[_HEM]
+    blob = (pts[:, 0], pts[:, 1], sig, sig, torch.full((n,), 2.6))
+    half = (2.6 * sig).clamp_min(2.0)[:, None]
+    return blob, torch.cat((pts - half, pts + half), 1).clamp(0, s - 1)
+
+
+def _haemorrhages(
+    g: torch.Generator, n: int, c: float, radius: float, avoid: tuple[float, float, float], s: int
+) -> tuple[_Blobs, Tensor]:
+    """Dot-blot haemorrhages, clusters of 1-3 anisotropic blobs: their blobs and ``(n, 4)`` boxes."""
+    scale = s / 256.0
     pts = pick_points(g, n, c, c, 0.7 * radius, avoid)
     sub = 3
     size_h = (2.5 + 3.5 * rand(g, n)) * scale
     offs = randn(g, n, sub, 2).clamp(-1.5, 1.5) * size_h[:, None, None] * 0.6
     keep = torch.arange(sub)[None, :] < torch.randint(1, sub + 1, (n, 1), generator=g)
-    bx = (pts[:, None, 0] + offs[..., 0])[keep]
-    by = (pts[:, None, 1] + offs[..., 1])[keep]
-    bs = size_h[:, None].expand(n, sub)[keep] * (0.6 + 0.5 * rand(g, int(keep.sum())))
-    ani = 0.7 + 0.6 * rand(g, int(keep.sum()))
-    red_field += blobs(s, s, bx, by, bs * ani, bs / ani, torch.full((bx.numel(),), 2.2))
-    ext_x = (offs[..., 0].abs() + 2.0 * size_h[:, None] * 1.3).masked_fill(~keep, 0).amax(1)
-    ext_y = (offs[..., 1].abs() + 2.0 * size_h[:, None] * 1.3).masked_fill(~keep, 0).amax(1)
-    boxes.append(
-        torch.stack((pts[:, 0] - ext_x, pts[:, 1] - ext_y, pts[:, 0] + ext_x, pts[:, 1] + ext_y), 1).clamp(0, s - 1)
-    )
-    kinds.append(torch.full((n,), _HEM))
-    # hard exudates: clusters of bright yellow dots, mostly around the macula
-    n = counts[_EX]
-    pts = pick_points(g, n, mac_x, mac_y, 0.5 * radius, (mac_x, mac_y, 0.12 * radius))
-    inside = ((pts[:, 0] - c) ** 2 + (pts[:, 1] - c) ** 2).sqrt() < 0.8 * radius
-    pts = torch.where(
-        inside[:, None], pts, torch.tensor([[mac_x, mac_y]]) + 0.3 * (pts - torch.tensor([[mac_x, mac_y]]))
-    )
+    m = int(keep.sum())
+    bs = size_h[:, None].expand(n, sub)[keep] * (0.6 + 0.5 * rand(g, m))
+    ani = 0.7 + 0.6 * rand(g, m)
+    centres = (pts[:, None, :] + offs)[keep]  # (m, 2)
+    blob = (centres[:, 0], centres[:, 1], bs * ani, bs / ani, torch.full((m,), 2.2))
+    ext = (offs.abs() + 2.6 * size_h[:, None, None]).masked_fill(~keep[..., None], 0).amax(1)  # (n, 2)
+    return blob, torch.cat((pts - ext, pts + ext), 1).clamp(0, s - 1)
+
+
+def _hard_exudates(
+    g: torch.Generator, n: int, macula: tuple[float, float], c: float, radius: float, s: int
+) -> tuple[_Blobs, Tensor]:
+    """Clusters of bright yellow dots, mostly around the macula: their blobs and ``(n, 4)`` boxes."""
+    scale = s / 256.0
+    mac = torch.tensor([macula])
+    pts = pick_points(g, n, *macula, 0.5 * radius, (*macula, 0.12 * radius))
+    inside = ((pts - c) ** 2).sum(1) < (0.8 * radius) ** 2
+    pts = torch.where(inside[:, None], pts, mac + 0.3 * (pts - mac))  # pull outliers towards the macula
     dots = 8
     spread = (3.0 + 6.0 * rand(g, n)) * scale
     doffs = randn(g, n, dots, 2).clamp(-3.0, 3.0) * spread[:, None, None] * 0.5
     dkeep = torch.arange(dots)[None, :] < torch.randint(3, dots + 1, (n, 1), generator=g)
     dsig = (0.8 + 0.9 * rand(g, n, dots)) * scale
-    ex_field = blobs(
-        s,
-        s,
-        (pts[:, None, 0] + doffs[..., 0])[dkeep],
-        (pts[:, None, 1] + doffs[..., 1])[dkeep],
-        dsig[dkeep],
-        dsig[dkeep],
-        torch.full((int(dkeep.sum()),), 3.0),
-    )
-    ex_x = (doffs[..., 0].abs() + 2.2 * dsig).masked_fill(~dkeep, 0).amax(1)
-    ex_y = (doffs[..., 1].abs() + 2.2 * dsig).masked_fill(~dkeep, 0).amax(1)
-    boxes.append(
-        torch.stack((pts[:, 0] - ex_x, pts[:, 1] - ex_y, pts[:, 0] + ex_x, pts[:, 1] + ex_y), 1).clamp(0, s - 1)
-    )
-    kinds.append(torch.full((n,), _EX))
-    # cotton-wool spots: pale, fluffy, near the arcades
-    n = counts[_CWS]
+    centres = (pts[:, None, :] + doffs)[dkeep]  # (m, 2)
+    sig = dsig[dkeep]
+    blob = (centres[:, 0], centres[:, 1], sig, sig, torch.full((sig.numel(),), 3.0))
+    ext = (doffs.abs() + 2.2 * dsig[..., None]).masked_fill(~dkeep[..., None], 0).amax(1)  # (n, 2)
+    return blob, torch.cat((pts - ext, pts + ext), 1).clamp(0, s - 1)
+
+
+def _cotton_wool_spots(
+    g: torch.Generator, n: int, c: float, radius: float, avoid: tuple[float, float, float], s: int
+) -> tuple[_Blobs, Tensor]:
+    """Pale fluffy spots near the arcades: their blobs and ``(n, 4)`` boxes."""
+    scale = s / 256.0
     pts = pick_points(g, n, c, c, 0.68 * radius, avoid)
     csig = (3.5 + 3.5 * rand(g, n)) * scale
     cani = 0.75 + 0.5 * rand(g, n)
-    cw_field = blobs(s, s, pts[:, 0], pts[:, 1], csig * cani, csig / cani, torch.full((n,), 1.1))
-    cw_field = cw_field + 0.25 * cw_field * smooth_noise(g, (s, s), 40)[0]
-    boxes.append(
-        torch.stack(
-            (
-                pts[:, 0] - 2.2 * csig * cani,
-                pts[:, 1] - 2.2 * csig / cani,
-                pts[:, 0] + 2.2 * csig * cani,
-                pts[:, 1] + 2.2 * csig / cani,
-            ),
-            1,
-        ).clamp(0, s - 1)
-    )
-    kinds.append(torch.full((n,), _CWS))
-    # neovascularisation: tangles of fine new vessels near the disc or the arcades
-    n = counts[_NV]
-    nv_alpha = torch.zeros(s, s)
-    if n:
-        # on the way from the disc towards the centre, so that the tangle stays inside the FOV
-        along = 0.35 + 0.35 * rand(g, n, 1)
-        centre = torch.tensor([[disc_x, disc_y]]) + along * torch.tensor([[c - disc_x, c - disc_y]])
-        centre = centre + randn(g, n, 2).clamp(-2, 2) * 0.05 * radius
-        loops = 6
-        st = centre.repeat_interleave(loops, 0) + randn(g, n * loops, 2).clamp(-2, 2) * 3 * scale
-        step = 0.8 * scale
-        pts_nv, _ = walk(g, st, 2 * math.pi * rand(g, n * loops), randn(g, n * loops) * 0.25, 28, step, 0.35)
-        pts_nv = pts_nv.reshape(n, loops * 28, 2)
-        nv_alpha = draw_lines(
-            pts_nv.reshape(-1, 2), torch.full((n * loops * 28,), 0.5 * scale), step, s, s, torch.tensor([0.5 * scale])
-        )[0]
-        lo = pts_nv.amin(1) - 2 * scale
-        hi = pts_nv.amax(1) + 2 * scale
-        boxes.append(torch.cat((lo, hi), 1).clamp(0, s - 1))
-        kinds.append(torch.full((n,), _NV))
-    # composite: cotton wool, exudates, red lesions, new vessels
-    if counts[_CWS]:
-        img.lerp_(_COTTON.view(3, 1, 1).expand(3, s, s), cw_field.clamp_(0, 0.85))
-    if counts[_EX]:
-        img.lerp_((_EXUDATE.view(3, 1, 1) * (0.85 + 0.15 * shade)), ex_field.clamp_(0, 1))
-    if counts[_MA] or counts[_HEM]:
-        img.lerp_(_RED.view(3, 1, 1) * shade.clamp(0.3, 1.0), red_field.clamp_(0, 1))
-    if counts[_NV]:
-        img.mul_(1 - 0.6 * nv_alpha * torch.tensor([0.5, 0.85, 0.8]).view(3, 1, 1))
-    img.add_(randn(g, 1, s, s), alpha=0.006).clamp_(0, 1).mul_(fov)
-    box_t = torch.cat(boxes).float() if boxes else torch.zeros(0, 4)
-    kind_t = torch.cat(kinds).long() if kinds else torch.zeros(0, dtype=torch.long)
-    return img, fov.unsqueeze(0), box_t, kind_t
+    sx, sy = csig * cani, csig / cani
+    half = 2.2 * torch.stack((sx, sy), 1)
+    return (pts[:, 0], pts[:, 1], sx, sy, torch.full((n,), 1.1)), torch.cat((pts - half, pts + half), 1).clamp(0, s - 1)
+
+
+def _neovascularisation(
+    g: torch.Generator, n: int, disc: tuple[float, float], c: float, radius: float, s: int
+) -> tuple[Tensor, Tensor]:
+    """Tangles of fine new vessels between the disc and the centre: ``(S, S)`` opacity and ``(n, 4)`` boxes."""
+    scale = s / 256.0
+    # on the way from the disc towards the centre, so that the tangle stays inside the FOV
+    along = 0.35 + 0.35 * rand(g, n, 1)
+    centre = torch.tensor([disc]) + along * torch.tensor([[c - disc[0], c - disc[1]]])
+    centre = centre + randn(g, n, 2).clamp(-2, 2) * 0.05 * radius
+    loops, steps, step = 6, 28, 0.8 * scale
+    st = centre.repeat_interleave(loops, 0) + randn(g, n * loops, 2).clamp(-2, 2) * 3 * scale
+    pts, _ = walk(g, st, 2 * math.pi * rand(g, n * loops), randn(g, n * loops) * 0.25, steps, step, 0.35)
+    widths = torch.full((n * loops * steps,), 0.5 * scale)
+    alpha = draw_lines(pts.reshape(-1, 2), widths, step, s, s, torch.tensor([0.5 * scale]))[0]
+    pts = pts.reshape(n, loops * steps, 2)
+    return alpha, torch.cat((pts.amin(1) - 2 * scale, pts.amax(1) + 2 * scale), 1).clamp(0, s - 1)
