@@ -174,17 +174,18 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     radius = len(taps) // 2
     h, w = x.shape[-2:]
     mode = "reflect" if radius < min(h, w) else "replicate"
-    padded = F.pad(x, (radius, radius, 0, 0), mode=mode)
+    # one padding for both passes: the rows padded before the horizontal pass are, after it, the
+    # padded rows of its output (padding rows commutes with a row-wise filter), bit for bit
+    padded = F.pad(x, (radius, radius, radius, radius), mode=mode)
     y = padded[..., radius : radius + w] * taps[radius]
     for i, tap in enumerate(taps):
         if i != radius:
             y = y.add_(padded[..., i : i + w], alpha=tap)
-    padded = F.pad(y, (0, 0, radius, radius), mode=mode)
-    y = padded[..., radius : radius + h, :] * taps[radius]
+    out = y[..., radius : radius + h, :] * taps[radius]
     for i, tap in enumerate(taps):
         if i != radius:
-            y = y.add_(padded[..., i : i + h, :], alpha=tap)
-    return y
+            out = out.add_(y[..., i : i + h, :], alpha=tap)
+    return out
 
 
 @functools.lru_cache(maxsize=256)

@@ -19,15 +19,15 @@ The image quality label (0 Good, 1 Usable, 2 Reject, as in EyeQ) is made by
 with the label, with one of the seven degradation combinations drawn per image. The
 sample returns the clean image too, for view construction.
 
-Speed: ``SyntheticFundus(n, size=256)[i]`` (rendering and degradation) runs at 44-51 images/s
-of CPU time on one thread (``torch.set_num_threads(1)``; ``time.process_time`` over 200 images,
-three runs; AMD EPYC, a shared VM at load 1.5-2, where the same code measures anywhere from 35
-to 53 images/s from one minute to the next). Measured in the same runs, image by image in
-alternation, against the previous renderer: 1.11-1.12x faster with bit-identical images, from
-rendering under :func:`torch.inference_mode` (no autograd bookkeeping on ~1,100 small tensor
-operations per image) and from degrading without re-validating the renderer's own output. About
-half of the remaining time is per-pixel work on full images (the Gaussian blurs of the vessel
-maps and of the blur degradation, random noise fields), the rest the overhead of the small ops.
+Speed: ``SyntheticFundus(n, size=256)[i]`` (rendering and degradation) runs at 57-61 images/s
+of CPU time on one thread, 53-68 in single processes (``benchmarks/bench_synthetic.py``, two runs
+of three processes x 200 images; AMD EPYC, a shared VM whose speed drifts by up to 1.6x within
+minutes). Against the previous renderer, image by image in alternation: 1.21x faster (1.26-1.28x
+when both run in one process). It runs under :func:`torch.inference_mode`, issues ~860 tensor
+operations per image (down from ~1,160), draws only the lesion kinds of the grade, rasterises the
+vessels in two width bins and degrades without re-validating its own output. What remains is
+per-pixel work on full images (vessel blurs, the blur degradation, random noise fields) and the
+fixed cost of the small operations.
 """
 
 from __future__ import annotations
@@ -376,7 +376,8 @@ def render_fundus(size: int, grade: int, g: torch.Generator) -> tuple[Tensor, Te
     if counts[_EX]:
         img.lerp_(_EXUDATE.view(3, 1, 1) * shade.mul(0.15).add_(0.85), ex_field.clamp_(0, 1))
     if red:
-        red_field = blobs(s, s, *(torch.cat(parts) for parts in zip(*red, strict=True)))
+        cx, cy, sx, sy, amp = (torch.cat(parts) for parts in zip(*red, strict=True))
+        red_field = blobs(s, s, cx, cy, sx, sy, amp)
         img.lerp_(_RED.view(3, 1, 1) * shade.clamp(0.3, 1.0), red_field.clamp_(0, 1))
     if counts[_NV]:
         img.mul_((_NV_TINT.view(3, 1, 1) * nv_alpha).neg_().add_(1.0))
