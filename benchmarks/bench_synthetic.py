@@ -40,7 +40,7 @@ WARMUP = 5
 
 
 def serve(name: str, n: int, size: int, seed: int) -> None:
-    """Worker: render ``count`` more samples per ``count`` line on stdin; answer their CPU seconds."""
+    """Worker: render the next sample per line on stdin; answer its CPU seconds."""
     import mlcl_losses.synthetic as synthetic
 
     if hasattr(os, "sched_setaffinity"):  # every worker on the same core: cores of a VM differ in speed
@@ -50,13 +50,9 @@ def serve(name: str, n: int, size: int, seed: int) -> None:
     for i in range(WARMUP):  # samples after the timed ones: caches, lazy imports
         data[n + i]
     print("ready", flush=True)
-    done = 0
-    for line in sys.stdin:
-        count = int(line)
+    for i, _ in enumerate(sys.stdin):
         start = time.process_time()
-        for i in range(done, done + count):
-            data[i]
-        done += count
+        data[i]
         print(time.process_time() - start, flush=True)
 
 
@@ -75,8 +71,8 @@ class Worker:
         if self.stdout.readline().strip() != "ready":
             raise RuntimeError(f"worker for {name} from {src} failed to start")
 
-    def render(self, count: int) -> float:
-        self.stdin.write(f"{count}\n")
+    def render_next(self) -> float:
+        self.stdin.write("next\n")
         self.stdin.flush()
         return float(self.stdout.readline())
 
@@ -99,7 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for i in range(args.n):
                 order = list(workers) if i % 2 == 0 else list(reversed(workers))  # neither always runs first
                 for version in order:
-                    spent[version] += workers[version].render(1)
+                    spent[version] += workers[version].render_next()
             for version, worker in workers.items():
                 worker.close()
                 seconds[version].append(spent[version])

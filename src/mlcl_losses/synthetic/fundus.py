@@ -350,6 +350,7 @@ def render_fundus(size: int, grade: int, g: torch.Generator) -> tuple[Tensor, Te
     avoid = (disc_x, disc_y, 1.8 * disc_r)
     red: list[_Blobs] = []
     found: list[tuple[int, Tensor]] = []  # (kind, boxes), in FUNDUS_LESIONS order
+    ex_field = cw_field = nv_alpha = None  # fields of the kinds present
     if counts[_MA]:
         blob, box = _microaneurysms(g, counts[_MA], c, radius, avoid, s)
         red.append(blob)
@@ -370,16 +371,16 @@ def render_fundus(size: int, grade: int, g: torch.Generator) -> tuple[Tensor, Te
     if counts[_NV]:
         nv_alpha, box = _neovascularisation(g, counts[_NV], (disc_x, disc_y), c, radius, s)
         found.append((_NV, box))
-    # composite: cotton wool, exudates, red lesions, new vessels
-    if counts[_CWS]:
+    # composite (in this order): cotton wool, exudates, red lesions, new vessels
+    if cw_field is not None:
         img.lerp_(_COTTON.view(3, 1, 1).expand(3, s, s), cw_field.clamp_(0, 0.85))
-    if counts[_EX]:
+    if ex_field is not None:
         img.lerp_(_EXUDATE.view(3, 1, 1) * shade.mul(0.15).add_(0.85), ex_field.clamp_(0, 1))
     if red:
         cx, cy, sx, sy, amp = (torch.cat(parts) for parts in zip(*red, strict=True))
         red_field = blobs(s, s, cx, cy, sx, sy, amp)
         img.lerp_(_RED.view(3, 1, 1) * shade.clamp(0.3, 1.0), red_field.clamp_(0, 1))
-    if counts[_NV]:
+    if nv_alpha is not None:
         img.mul_((_NV_TINT.view(3, 1, 1) * nv_alpha).neg_().add_(1.0))
     img.add_(randn(g, 1, s, s), alpha=0.006).clamp_(0, 1).mul_(fov)
     box_t = torch.cat([box for _, box in found]).float() if found else torch.zeros(0, 4)
