@@ -3,8 +3,10 @@
 Writes ``docs/_static/generated/views_and_degradations.png``: a synthetic fundus photograph
 and a synthetic chest X-ray with their degradations at severities 0.25-1.0, then the image
 with its lesion boxes and the views V1a, V1b, V2 of one lesion and V3, V4 of one healthy
-patch (the X-ray row uses noise, blur, contrast, grid and jpeg together). The docs build runs
-every ``docs/scripts/plot_*.py`` before Sphinx.
+patch (the X-ray row uses noise, blur, contrast, grid and jpeg together), and a real fundus
+photograph (``skimage.data.retina()``, shipped with scikit-image) with the same degradations, beside
+a real grayscale retina detail (``skimage.data.microaneurysms()``, its grey value repeated in R, G
+and B). The docs build runs every ``docs/scripts/plot_*.py`` before Sphinx.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.patches as mpatches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from skimage import data as skimage_data  # noqa: E402
 
 from mlcl_losses.degrade import FUNDUS_KINDS, FundusDegradation, degrade_fundus, degrade_xray  # noqa: E402
 from mlcl_losses.synthetic import SyntheticChestXray, SyntheticFundus  # noqa: E402
@@ -47,7 +51,7 @@ def main() -> Path:
     fundus = fundus_data[_first_with_lesions(fundus_data)]
     xray = next(s for s in (SyntheticChestXray(n=50, size=256, seed=0)[i] for i in range(50)) if s.boxes.shape[0] >= 2)
 
-    fig, axes = plt.subplots(3, 6, figsize=(15, 8.2), constrained_layout=True)
+    fig, axes = plt.subplots(4, 6, figsize=(15, 11), constrained_layout=True)
     _show(axes[0, 0], fundus.clean_image, f"fundus, DR grade {fundus.grade}")
     for col, sev in enumerate(SEVERITIES, start=1):
         out = degrade_fundus(fundus.clean_image, sev, FUNDUS_KINDS, fov=fundus.fov, seed=1)
@@ -89,6 +93,14 @@ def main() -> Path:
     names = ("V1a lesion, high", "V1b lesion, high", "V2 lesion, low", "V3 healthy, high", "V4 healthy, low")
     for col, (index, name) in enumerate(zip(picks, names, strict=True), start=1):
         _show(axes[2, col], views[index], f"{name} (source {int(tags.source[index])})")
+    retina = torch.from_numpy(skimage_data.retina()).permute(2, 0, 1).float() / 255.0  # (3, 1411, 1411)
+    retina = F.interpolate(retina[None], size=(384, 384), mode="bilinear", antialias=True)[0].clamp(0, 1)
+    _show(axes[3, 0], retina, "real photograph (skimage retina)")
+    for col, sev in enumerate(SEVERITIES, start=1):
+        _show(axes[3, col], degrade_fundus(retina, sev, FUNDUS_KINDS, seed=1), f"real, all 3 kinds, s={sev}")
+    detail = torch.from_numpy(skimage_data.microaneurysms()).float()[None] / 255.0  # (1, 102, 102) grey
+    detail = detail.expand(3, -1, -1).contiguous()  # grey repeated in R, G and B
+    _show(axes[3, 5], degrade_fundus(detail, 0.8, ("illumination", "blur"), seed=2), "real grey detail, illum.+blur")
     path = OUT / "views_and_degradations.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
