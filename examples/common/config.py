@@ -56,7 +56,6 @@ def check(condition: bool, key: str, expectation: str, value: Any) -> None:
 # sections shared by the pipelines
 # --------------------------------------------------------------------------------------------------
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 REGULARIZERS = ("hard", "linear", "log", "mixture")
@@ -67,21 +66,33 @@ PACES = ("constant", "linear", "exponential", "quantile")
 class ModelConfig:
     """Encoder and projection head.
 
-    ``width`` scales the channels of every ResNet stage (1.0 is torchvision's network; 0.25 gives
-    16-32-64-128 channels for ResNet-18). ``weights`` is a file holding a ``state_dict`` of the
-    encoder (torchvision key names, e.g. ImageNet weights downloaded beforehand); ``null`` is random
-    initialisation.
+    ``arch`` is a torchvision ResNet (``resnet18``, ``resnet34``, ``resnet50``) or any timm model
+    as ``timm:<name>`` (e.g. ``timm:resnet50``, ``timm:convnext_tiny``, ``timm:efficientnet_b0``).
+    ``width`` scales the channels of every torchvision ResNet stage (1.0 is torchvision's network;
+    0.25 gives 16-32-64-128 channels for ResNet-18); it must stay 1.0 with a timm model.
+    ``weights`` is a local file holding a ``state_dict`` of the encoder (torchvision or timm key
+    names, matching ``arch``, e.g. ImageNet weights downloaded beforehand); ``null`` is random
+    initialisation. The projection head's input is the backbone's feature dimension.
     """
 
-    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    arch: str = "resnet18"
     width: float = 1.0
     weights: str | None = None
     proj_hidden: int = 512
     proj_dim: int = 128
 
     def validate(self, key: str) -> None:
-        check(self.arch in ARCHS, f"{key}.arch", f"one of {ARCHS}", self.arch)
+        from examples.common.models import TIMM_PREFIX, arch_problem
+
+        problem = arch_problem(self.arch)
+        check(problem is None, f"{key}.arch", str(problem), self.arch)
         check(0 < self.width <= 4, f"{key}.width", "a number in (0, 4]", self.width)
+        check(
+            self.width == 1.0 or not self.arch.startswith(TIMM_PREFIX),
+            f"{key}.width",
+            "1.0 with a timm backbone (width scales torchvision ResNets only; choose a smaller timm model)",
+            self.width,
+        )
         check(self.proj_hidden >= 1, f"{key}.proj_hidden", "an int >= 1", self.proj_hidden)
         check(self.proj_dim >= 1, f"{key}.proj_dim", "an int >= 1", self.proj_dim)
 

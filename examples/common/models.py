@@ -1,28 +1,52 @@
 """Encoder, projection head, momentum (key) encoder and classifier of the example pipelines.
 
-The encoder is a torchvision ResNet without its ``fc`` layer, randomly initialised by default or
-loaded from a ``state_dict`` file (no download). ``width`` scales every stage's channels, so a
-ResNet-18 can be made small enough for a CPU: width 0.25 gives stages of 16-32-64-128 channels.
+Two backbone families, both randomly initialised by default or loaded from a local ``state_dict``
+file (nothing is downloaded), both returning pooled ``(B, F)`` features with ``encoder.out_dim == F``:
+
+- torchvision ResNets (``arch`` ``"resnet18" | "resnet34" | "resnet50"``), without their ``fc``
+  layer. ``width`` scales every stage's channels, so a ResNet-18 can be made small enough for a
+  CPU: width 0.25 gives stages of 16-32-64-128 channels.
+- any `timm <https://huggingface.co/docs/timm>`_ model by name (``arch`` ``"timm:<name>"``, e.g.
+  ``"timm:resnet50"``, ``"timm:convnext_tiny"``, ``"timm:efficientnet_b0"``), built with
+  ``num_classes=0`` (timm's pooled-feature form); ``F`` is the model's ``num_features``.
+
+Both take 3-channel input; the ChestX-ray pipeline repeats its grayscale images to three channels
+for either family, so a torchvision and a timm encoder see the same tensors.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-__all__ = ["Classifier", "ContrastiveModel", "ProjectionHead", "build_encoder", "momentum_update"]
+__all__ = [
+    "TIMM_PREFIX",
+    "TORCHVISION_ARCHS",
+    "Classifier",
+    "ContrastiveModel",
+    "ProjectionHead",
+    "arch_problem",
+    "build_encoder",
+    "momentum_update",
+]
+
+TIMM_PREFIX = "timm:"
 
 _LAYOUTS = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
 }
+TORCHVISION_ARCHS = tuple(_LAYOUTS)
 
 
 class _WidthResNet(ResNet):
@@ -50,41 +74,112 @@ class _WidthResNet(ResNet):
         return super()._make_layer(block, self._scaled(planes), blocks, stride, dilate)
 
 
+def _import_timm() -> Any:
+    try:
+        import timm
+    except ImportError as err:  # pragma: no cover - timm is in the `examples` extra
+        raise ImportError(
+            "`arch: timm:<name>` needs timm: pip install 'mlcl-losses[examples]' (or pip install timm); "
+            f"the torchvision backbones {TORCHVISION_ARCHS} work without it"
+        ) from err
+    return timm
+
+
+def arch_problem(arch: str) -> str | None:
+    """What is wrong with the backbone name ``arch`` (``None``: nothing).
+
+    Valid: one of :data:`TORCHVISION_ARCHS`, or ``"timm:<name>"`` with a model name timm knows
+    (checked against timm's registry, offline).
+    """
+    if not isinstance(arch, str):
+        return f"a string, got {type(arch).__name__}"
+    if arch in _LAYOUTS:
+        return None
+    if not arch.startswith(TIMM_PREFIX):
+        return f"one of {TORCHVISION_ARCHS} or 'timm:<model name>' (e.g. 'timm:convnext_tiny')"
+    name = arch.removeprefix(TIMM_PREFIX)
+    timm = _import_timm()
+    if name and timm.is_model(name):
+        return None
+    close = difflib.get_close_matches(name, timm.list_models(), n=3)
+    hint = f"; did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
+    return f"'timm:<name>' with a model name timm knows (timm.list_models()), but {name!r} is not one{hint}"
+
+
+def _read_state(path: str | os.PathLike[str], read: Callable[[Path], Any]) -> dict[str, Tensor]:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"encoder weights file {str(p)!r} does not exist")
+    try:
+        state = read(p)
+    except Exception as err:  # corrupt or non-tensor file
+        raise ValueError(f"cannot read encoder weights {p} ({type(err).__name__}: {err})") from err
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{p}: expected a state_dict, got {type(state).__name__}")
+    return state
+
+
+def _timm_encoder(name: str, weights: str | os.PathLike[str] | None) -> nn.Module:
+    """timm model ``name`` without its classifier; ``weights``: a local file with timm's key names."""
+    timm = _import_timm()
+    encoder = timm.create_model(name, pretrained=False, num_classes=0)  # random init: nothing downloaded
+    encoder.out_dim = encoder.num_features
+    if weights is None:
+        return encoder
+    # timm's reader: torch.load(weights_only=True) or safetensors; unwraps "state_dict" / "model"
+    # (EMA weights when present) and strips DDP's "module." prefix
+    state = _read_state(weights, lambda p: timm.models.load_state_dict(str(p), weights_only=True))
+    head = encoder.pretrained_cfg.get("classifier") or ()
+    heads = tuple(f"{h}." for h in ((head,) if isinstance(head, str) else head))
+    state = {k: v for k, v in state.items() if not (heads and k.startswith(heads))}  # the classifier is dropped
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{weights}: weights do not fit timm:{name} (timm key names expected): {err}") from err
+    return encoder
+
+
 def build_encoder(
     arch: str = "resnet18", width: float = 1.0, weights: str | os.PathLike[str] | None = None
 ) -> nn.Module:
-    """A ResNet trunk returning ``(B, F)`` pooled features; ``encoder.out_dim`` is ``F``.
+    """A backbone returning ``(B, F)`` pooled features from ``(B, 3, H, W)``; ``encoder.out_dim`` is ``F``.
 
     Args:
-        arch: ``"resnet18" | "resnet34" | "resnet50"``.
-        width: channel multiplier of every stage.
-        weights: optional file with a ``state_dict`` (torchvision key names; ``fc.*`` keys and a
-            ``"state_dict"`` wrapper are accepted and ignored/unwrapped).
+        arch: ``"resnet18" | "resnet34" | "resnet50"`` (torchvision) or ``"timm:<name>"`` (any timm
+            model, e.g. ``"timm:convnext_tiny"``).
+        width: channel multiplier of every stage of a torchvision ResNet; must be 1.0 with a timm
+            model (pick a smaller timm model instead).
+        weights: optional local file with a ``state_dict``: torchvision key names for a torchvision
+            ResNet, timm key names for a timm model (e.g. saved with ``torch.save(model.state_dict())``
+            or a timm ``.safetensors`` file). Classifier keys (``fc.*``, timm's ``classifier``),
+            a ``"state_dict"`` wrapper and DDP's ``module.`` prefix are ignored/unwrapped. Read with
+            ``weights_only=True``.
 
     Raises:
-        ValueError: unknown ``arch``; ``weights`` missing, unreadable or not matching the network.
+        ValueError: unknown ``arch``; ``width`` other than 1.0 with a timm model; ``weights`` missing,
+            unreadable or not matching the network.
     """
-    if arch not in _LAYOUTS:
-        raise ValueError(f"Expected `arch` in {tuple(_LAYOUTS)}, but got {arch!r}")
+    problem = arch_problem(arch)
+    if problem is not None:
+        raise ValueError(f"Expected `arch` to be {problem}; got {arch!r}")
+    if arch.startswith(TIMM_PREFIX):
+        if width != 1.0:
+            raise ValueError(
+                f"Expected `width` 1.0 with a timm backbone ({arch}): width scales torchvision ResNets only; "
+                f"choose a smaller timm model instead, but got {width}"
+            )
+        return _timm_encoder(arch.removeprefix(TIMM_PREFIX), weights)
     block, layers = _LAYOUTS[arch]
     encoder = _WidthResNet(block, layers, width)
     if weights is not None:
-        p = Path(weights)
-        if not p.is_file():
-            raise ValueError(f"encoder weights file {str(p)!r} does not exist")
-        try:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as err:  # corrupt or non-tensor file
-            raise ValueError(f"cannot read encoder weights {p} ({type(err).__name__}: {err})") from err
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise ValueError(f"{p}: expected a state_dict, got {type(state).__name__}")
+        state = _read_state(weights, lambda p: torch.load(p, map_location="cpu", weights_only=True))
         state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("fc.", "module.fc."))}
         try:
             encoder.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            raise ValueError(f"{p}: weights do not fit {arch} at width {width}: {err}") from err
+            raise ValueError(f"{weights}: weights do not fit {arch} at width {width}: {err}") from err
     return encoder
 
 

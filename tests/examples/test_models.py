@@ -1,0 +1,111 @@
+"""timm backbones in the example pipelines (examples/common/models.py): build, weights, config, pre-training step."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from examples.chestxray.data import build_data
+from examples.chestxray.train import ChestXrayConfig
+from examples.common.config import ConfigError, load_config
+from examples.common.models import ContrastiveModel, build_encoder
+from examples.common.pretrain import build_pretrain, pretrain_epoch
+from torch.utils.data import DataLoader
+
+from mlcl_losses.views import collate_four_views
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "examples" / "chestxray" / "configs" / "tiny.yaml"
+# timm's own test-sized models of two families (a ResNet and an EfficientNet), so CPU tests stay fast
+SMALL_TIMM = ["test_resnet", "test_efficientnet"]
+
+
+@pytest.mark.parametrize("name", SMALL_TIMM)
+def test_timm_encoder_and_head_size(name: str) -> None:
+    encoder = build_encoder(f"timm:{name}")
+    reference = timm.create_model(name, pretrained=False, num_classes=0)
+    assert encoder.out_dim == reference.num_features
+    model = ContrastiveModel(encoder, proj_hidden=16, proj_dim=8)
+    assert model.head.net[0].in_features == reference.num_features
+    assert model(torch.rand(3, 3, 32, 32)).shape == (3, 8)
+
+
+@pytest.mark.parametrize("name", SMALL_TIMM)
+def test_timm_in_the_chestxray_pretraining_step(name: str, cache_dir: Path) -> None:
+    """One CoMCL step of the pipeline (tiny ChestX-ray config) with a timm backbone: forward, backward, update."""
+    cfg = load_config(
+        ChestXrayConfig,
+        TINY,
+        [f"model.arch=timm:{name}", "model.width=1.0", f"data.synthetic.cache_dir={cache_dir}"],
+    )
+    data = build_data(cfg, seed=0)
+    data.views.set_epoch(0)
+    batch = next(iter(DataLoader(data.views, batch_size=cfg.pretrain.batch_images, collate_fn=collate_four_views)))
+    views, tags = batch
+    # the ChestX-ray input rule is the same for both backbone families: grayscale repeated to 3 channels
+    assert views.shape[1] == 3
+    torch.testing.assert_close(views[:, 0], views[:, 2], rtol=0, atol=0)
+
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg.model.arch, cfg.model.width, cfg.model.weights)
+    model = ContrastiveModel(encoder, cfg.model.proj_hidden, cfg.model.proj_dim)
+    assert model.head.net[0].in_features == timm.create_model(name, num_classes=0).num_features
+    state = build_pretrain("comcl", model, cfg.pretrain, cfg.model.proj_dim, 1, torch.device("cpu"))
+    before = [p.detach().clone() for p in encoder.parameters()]
+    stats = pretrain_epoch(state, [batch], cfg.pretrain, torch.device("cpu"), seed=0)
+    assert state.step == 1
+    assert math.isfinite(stats["loss"])
+    assert stats["loss"] > 0
+    changed = [not torch.equal(b, p) for b, p in zip(before, encoder.parameters(), strict=True)]
+    assert sum(changed) > len(changed) // 2  # the backbone itself was trained, not only the head
+    assert len(state.criterion.index) == len(tags)  # the key encoder's keys were enqueued
+
+
+def test_timm_weights_file(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    full = timm.create_model("test_resnet", pretrained=False, num_classes=7)  # with its classifier
+    path = tmp_path / "w.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in full.state_dict().items()}}, path)
+    loaded = build_encoder("timm:test_resnet", weights=path)
+    expected = {k: v for k, v in full.state_dict().items() if not k.startswith("fc.")}
+    assert loaded.state_dict().keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="does not exist"):
+        build_encoder("timm:test_resnet", weights=tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="do not fit timm:test_efficientnet"):
+        build_encoder("timm:test_efficientnet", weights=path)
+
+
+class _NotATensor:
+    pass
+
+
+def test_timm_weights_are_read_weights_only(tmp_path: Path) -> None:
+    path = tmp_path / "pickled.pt"
+    torch.save({"state_dict": {}, "extra": _NotATensor()}, path)
+    with pytest.raises(ValueError, match="cannot read encoder weights"):
+        build_encoder("timm:test_resnet", weights=path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["model.arch=timm:resnet_nosuch"], r"model\.arch: expected 'timm:<name>' with a model name timm knows"),
+        (["model.arch='timm:'"], r"model\.arch: expected 'timm:<name>'"),
+        (["model.arch=vgg16"], r"model\.arch: expected one of .* or 'timm:<model name>'"),
+        (["model.arch=timm:test_resnet", "model.width=0.5"], r"model\.width: expected 1\.0 with a timm backbone"),
+    ],
+    ids=["unknown-timm-model", "empty-timm-name", "unknown-arch", "width-with-timm"],
+)
+def test_timm_config_errors(overrides: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(ChestXrayConfig, TINY, overrides)
+
+
+def test_build_encoder_refuses_width_with_timm() -> None:
+    with pytest.raises(ValueError, match=r"`width` 1\.0 with a timm backbone"):
+        build_encoder("timm:test_resnet", width=0.25)
