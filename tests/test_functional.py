@@ -860,12 +860,28 @@ def test_normalize_embeddings_extremes() -> None:
     close(out, (x64 / x64.norm(dim=1, keepdim=True)).float(), torch.float32)
 
 
-def test_empty_batch(device: torch.device) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({}, id="plain"),
+        pytest.param({"denominator": "all"}, id="all"),
+        pytest.param({"tau_plus": 0.1, "beta": 0.5}, id="debiased"),
+        pytest.param({"negative_weights": torch.zeros(0, 0)}, id="weights"),
+        pytest.param({"reduction": "none"}, id="unreduced"),
+    ],
+)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_batch(impl: str, options: dict[str, Any], device: torch.device) -> None:
+    """N = 0 is a zero loss with a (zero) gradient on every path, as PML's losses give."""
     z = torch.zeros(0, 4, device=device, requires_grad=True)
     tags = ViewTags(kind=[], quality=[], source=[]).to(device)
-    loss, stats = multilevel_info_nce(z, tags, Level.instance())
-    assert loss.item() == 0.0
+    options = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in options.items()}
+    loss, stats = multilevel_info_nce(z, tags, Level.instance(), impl=impl, **options)
+    assert loss.shape == ((1, 0) if options.get("reduction") == "none" else ())
+    assert float(loss.sum()) == 0.0
     assert int(stats["instance"].anchors) == 0
+    (grad,) = torch.autograd.grad(loss.sum(), z, allow_unused=True)
+    assert grad is None or grad.shape == (0, 4)
 
 
 # --------------------------------------------------------------------------- validation
@@ -917,6 +933,22 @@ BAD_INPUTS = [
     ("temperature-neg", lambda b, dev: {"temperature": -0.1}, ValueError, "`temperature`.*-0.1"),
     ("temperature-nan", lambda b, dev: {"temperature": float("nan")}, ValueError, "`temperature`"),
     ("temperature-inf", lambda b, dev: {"temperature": float("inf")}, ValueError, "`temperature`"),
+    (
+        "temperature-tensor",
+        lambda b, dev: {"temperature": torch.tensor(0.1)},
+        TypeError,
+        "`temperature` to be a float, but got Tensor",
+    ),
+    ("temperature-str", lambda b, dev: {"temperature": "0.1"}, TypeError, "`temperature` to be a float, but got str"),
+    ("temperature-bool", lambda b, dev: {"temperature": True}, TypeError, "`temperature` to be a float, but got bool"),
+    ("tau-plus-tensor", lambda b, dev: {"tau_plus": torch.tensor(0.1)}, TypeError, "`tau_plus`.*Tensor"),
+    ("beta-bool", lambda b, dev: {"beta": True}, TypeError, "`beta`.*bool"),
+    (
+        "zero-dim-embeddings",
+        lambda b, dev: {"embeddings": torch.ones(6, 0, device=dev)},
+        ValueError,
+        "`embeddings`.*D >= 1",
+    ),
     ("no-levels", lambda b, dev: {"levels": []}, ValueError, "`levels`"),
     ("not-a-level", lambda b, dev: {"levels": ["instance"]}, TypeError, "`levels`"),
     (

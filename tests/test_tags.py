@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mlcl_losses.tags import MAX_IMAGE, MAX_LABEL, MAX_SOURCE, Kind, Quality, ViewTags
+from mlcl_losses.tags import MAX_IMAGE, MAX_LABEL, MAX_PACKED, MAX_SOURCE, Kind, Quality, ViewTags
 
 
 @st.composite
@@ -195,6 +195,14 @@ def test_pack_on_device(device: torch.device) -> None:
     [
         pytest.param(torch.tensor([-1, 0]), ValueError, "packed tags >= 0", id="negative"),
         pytest.param(torch.tensor([0.0, 1.0]), TypeError, "`packed`", id="float"),
+        pytest.param(
+            ViewTags([1, 1], [0, 0], [0, 1]).pack().int(),
+            TypeError,
+            f"`packed` of dtype torch.int64.*{MAX_PACKED}.*torch.int32",
+            id="narrowed-int32",
+        ),
+        pytest.param(torch.tensor([1, 3], dtype=torch.int16), TypeError, "torch.int16", id="int16"),
+        pytest.param(torch.tensor([1, 3], dtype=torch.uint8), TypeError, "torch.uint8", id="uint8"),
         pytest.param(
             torch.cat([ViewTags([1], [0], [0], label=[1]).pack(), ViewTags([1], [0], [1]).pack()]),
             ValueError,

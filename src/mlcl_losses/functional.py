@@ -50,6 +50,7 @@ Type aliases of the signatures:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
@@ -119,13 +120,15 @@ def normalize_embeddings(embeddings: Tensor, name: str = "embeddings") -> Tensor
 
     Raises:
         TypeError: if not a floating-point tensor.
-        ValueError: wrong rank, NaN/inf, or a zero row.
+        ValueError: wrong rank, ``D = 0``, NaN/inf, or a zero row.
     """
     if not isinstance(embeddings, Tensor) or not embeddings.dtype.is_floating_point:
         got = embeddings.dtype if isinstance(embeddings, Tensor) else type(embeddings).__name__
         raise TypeError(f"Expected `{name}` to be a floating-point tensor, but got {got}")
     if embeddings.dim() != 2:
         raise ValueError(f"Expected `{name}` of shape (N, D), but got shape {tuple(embeddings.shape)}")
+    if embeddings.shape[1] == 0:
+        raise ValueError(f"Expected `{name}` of shape (N, D) with D >= 1, but got shape {tuple(embeddings.shape)}")
     if embeddings.numel() == 0:
         return embeddings.to(_compute_dtype(embeddings))
     x = embeddings.to(_compute_dtype(embeddings))
@@ -141,6 +144,19 @@ def normalize_embeddings(embeddings: Tensor, name: str = "embeddings") -> Tensor
     return x / x.norm(dim=1, keepdim=True)
 
 
+def _check_real(name: str, value: object) -> None:
+    """Refuse a value that is not a real Python/NumPy number (a tensor, a string, a bool): ``TypeError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"Expected `{name}` to be a float, but got {type(value).__name__}")
+
+
+def _check_temperature(temperature: object) -> None:
+    """``temperature``: a real number, > 0 and finite (``TypeError`` / ``ValueError`` naming it)."""
+    _check_real("temperature", temperature)
+    if not (temperature > 0) or math.isinf(temperature):  # type: ignore[operator,arg-type]
+        raise ValueError(f"Expected `temperature` > 0 and finite, but got {temperature}")
+
+
 def _check_tags(tags: ViewTags, n: int, name: str) -> None:
     if not isinstance(tags, ViewTags):
         raise TypeError(f"Expected `{name}` to be a ViewTags, but got {type(tags).__name__}")
@@ -149,14 +165,22 @@ def _check_tags(tags: ViewTags, n: int, name: str) -> None:
 
 
 def _masked_lse(logits: Tensor, mask: Tensor, weights: Tensor | None) -> Tensor:
-    """Row-wise ``log sum_j mask_ij w_ij exp(logits_ij)``; ``-inf`` for an empty row, finite gradient."""
+    """Row-wise ``log sum_j mask_ij w_ij exp(logits_ij)`` ``(N,)``; ``-inf`` for a row with no contributing entry.
+
+    Weights enter as ``log w`` and the shift is the maximum over the entries that contribute
+    (``mask`` and ``w > 0``), so an excluded or zero-weighted entry far above the others can
+    neither drop the row nor cost it precision; the gradient is finite everywhere.
+    """
     neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
-    row_max = torch.where(mask, logits, neg_inf).amax(dim=1, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    terms = torch.exp(torch.where(mask, logits - row_max, neg_inf))
+    contributes = mask if weights is None else mask & (weights > 0)
     if weights is not None:
-        terms = terms * weights
-    total = terms.sum(dim=1)
+        logits = logits + torch.log(torch.where(contributes, weights, torch.ones_like(weights)))
+    shifted = torch.where(contributes, logits, neg_inf)  # (N, C)
+    if shifted.shape[1] == 0:
+        return shifted.new_full((shifted.shape[0],), float("-inf"))
+    row_max = shifted.amax(dim=1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    total = torch.exp(shifted - row_max).sum(dim=1)  # >= 1 where a row has a contributing entry
     tiny = torch.finfo(logits.dtype).tiny
     return torch.where(total > 0, row_max[:, 0] + torch.log(total.clamp_min(tiny)), neg_inf)
 
@@ -302,14 +326,15 @@ def multilevel_info_nce(
     names = [level.name for level in levels]
     if len(set(names)) != len(names):
         raise ValueError(f"Expected unique level names, but got {names}")
-    if not isinstance(temperature, (int, float)) or not (temperature > 0) or math.isinf(temperature):
-        raise ValueError(f"Expected `temperature` > 0 and finite, but got {temperature}")
+    _check_temperature(temperature)
     if denominator not in _DENOMINATORS:
         raise ValueError(f"Expected `denominator` in {_DENOMINATORS}, but got {denominator!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"Expected `reduction` in {_REDUCTIONS}, but got {reduction!r}")
     if impl not in _IMPLS:
         raise ValueError(f"Expected `impl` in {_IMPLS}, but got {impl!r}")
+    _check_real("tau_plus", tau_plus)
+    _check_real("beta", beta)
     if not (0.0 <= tau_plus < 1.0):
         raise ValueError(f"Expected `tau_plus` in [0, 1), but got {tau_plus}")
     if not (beta >= 0.0) or math.isinf(beta):
@@ -475,28 +500,36 @@ def _reduce_anchors(
 def _debiased_pair_terms(
     logits: Tensor, pos: Tensor, neg: Tensor, w: Tensor | None, temperature: float, tau_plus: float, beta: float
 ) -> Tensor:
-    """``(N, C)`` pair terms ``-log(e^{s_ip} / (e^{s_ip} + N_g))`` of Chuang et al. / Robinson et al."""
-    neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
-    either = pos | neg
-    shift = torch.where(either, logits, neg_inf).amax(dim=1, keepdim=True).detach()
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    e = torch.exp(torch.where(either, logits - shift, neg_inf))  # (N, C), 0 outside pos|neg
-    e_neg = torch.where(neg, e, torch.zeros_like(e))
-    if w is not None:
-        e_neg = e_neg * w
-    count = neg.sum(dim=1, keepdim=True).to(logits.dtype)  # |N(i)|
-    if beta > 0:
-        imp_logits = torch.where(neg, beta * logits, neg_inf)
-        imp = torch.exp(imp_logits - imp_logits.amax(dim=1, keepdim=True).detach().nan_to_num(0.0, 0.0, 0.0))
-        imp_sum = imp.sum(dim=1, keepdim=True)  # >= 1 where the row has a negative, 0 where it has none
-        reweighted = count * (imp * e_neg).sum(dim=1, keepdim=True) / torch.where(imp_sum > 0, imp_sum, 1.0)
+    r"""``(N, C)`` pair terms ``-log(e^{s_ip} / (e^{s_ip} + N_g))`` of Chuang et al. / Robinson et al.
+
+    Computed in log space: :math:`\log N_g` from masked log-sum-exps, the debiasing subtraction as
+    :math:`\log R + \log(1 - e^{\log a - \log R})` and the floor :math:`|N(i)| e^{-1/\tau}` as a
+    log-domain maximum, so neither the positive term nor the floor underflows at small ``temperature``.
+    Entries outside ``pos`` hold finite values with a zero gradient (the caller masks them).
+    """
+    count = neg.sum(dim=1, keepdim=True).clamp_min(1).to(logits.dtype)  # |N(i)| (N, 1)
+    log_count = torch.log(count)
+    if beta > 0:  # log(|N| sum_n imp w e^s / sum_n imp), imp = e^{beta s}
+        log_r = (
+            log_count
+            + _masked_lse((1.0 + beta) * logits, neg, w)[:, None]
+            - _masked_lse(beta * logits, neg, None)[:, None]
+        )
+        log_r = torch.where(neg.any(dim=1, keepdim=True), log_r, float("-inf"))  # no negative: not NaN
     else:
-        reweighted = e_neg.sum(dim=1, keepdim=True)
-    ng = (-tau_plus * count * e + reweighted) / (1.0 - tau_plus)  # (N, C), per positive column
-    floor = count * torch.exp(-1.0 / temperature - shift)
-    ng = torch.maximum(ng, floor)
-    e_pos = torch.exp(torch.where(pos, logits - shift, torch.zeros_like(logits)))
-    return torch.log(e_pos + ng) - torch.where(pos, logits - shift, torch.zeros_like(logits))
+        log_r = _masked_lse(logits, neg, w)[:, None]  # (N, 1), -inf where no negative has weight > 0
+    log_floor = log_count - 1.0 / temperature  # (N, 1)
+    if tau_plus > 0:
+        # numerator R - a with a = tau_plus |N| e^{s_ip}; where a >= R it is <= 0 and the floor wins
+        x = math.log(tau_plus) + log_count + logits - log_r  # (N, C), log(a / R)
+        below = x < 0
+        safe_x = torch.where(below, x, torch.full_like(x, -1.0))
+        safe_r = torch.where(below, log_r.expand_as(x), torch.zeros_like(x))
+        log_num = safe_r + torch.log(-torch.expm1(safe_x)) - math.log1p(-tau_plus)
+        log_ng = torch.where(below, torch.maximum(log_num, log_floor), log_floor.expand_as(x))
+    else:
+        log_ng = torch.maximum(log_r, log_floor)  # (N, 1)
+    return torch.logaddexp(logits, log_ng) - logits
 
 
 def _stats(level_loss: Tensor, valid: Tensor, anchors: Tensor, pos: Tensor, neg: Tensor, cos: Tensor) -> LevelStats:

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -21,6 +20,8 @@ from mlcl_losses.functional import (
     Denominator,
     Impl,
     LevelStats,
+    _check_real,
+    _check_temperature,
     multilevel_info_nce,
 )
 from mlcl_losses.levels import Level, comcl_levels, validate_levels
@@ -134,10 +135,13 @@ class MultiLevelContrastiveLoss(nn.Module):
             raise ValueError(f"Expected unique level names, but got {names}")
         if weighting is not None and any(not name or "." in name for name in names):
             raise ValueError(f"With a `weighting`, level names must be non-empty and without '.', but got {names}")
-        if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
-            raise ValueError(f"Expected `temperature` > 0 and finite, but got {temperature}")
-        if not isinstance(k, int) or k < 1:
+        _check_temperature(temperature)
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"Expected `k` to be an int, but got {type(k).__name__}")
+        if k < 1:
             raise ValueError(f"Expected `k` an integer >= 1, but got {k!r}")
+        _check_real("tau_plus", tau_plus)
+        _check_real("beta", beta)
         self.temperature = float(temperature)
         self.denominator: Denominator = denominator
         self.k = k

@@ -58,6 +58,9 @@ MAX_LABEL = (1 << _LABEL_BITS) - 2
 MAX_IMAGE = (1 << _IMAGE_BITS) - 2
 MAX_SOURCE = (1 << _SOURCE_BITS) - 1
 
+#: The largest packed value (every field at its maximum): only ``int64`` holds the packing.
+MAX_PACKED = (MAX_SOURCE << _SOURCE_SHIFT) | ((MAX_IMAGE + 1) << _IMAGE_SHIFT) | ((MAX_LABEL + 1) << _LABEL_SHIFT) | 3
+
 _FIELDS = ("kind", "quality", "source", "label", "image")
 
 
@@ -250,9 +253,16 @@ class ViewTags:
             packed: int64 tensor of packed tags, any shape.
 
         Raises:
+            TypeError: if ``packed`` is a tensor of a dtype other than ``int64`` (a narrower
+                integer, e.g. ``labels.int()``, has lost the high bits that hold ``source``).
             ValueError: if the values are negative or the optional tags are present
                 for some entries and absent for others (not made by :meth:`pack`).
         """
+        if isinstance(packed, Tensor) and packed.dtype != torch.int64:
+            raise TypeError(
+                f"Expected `packed` of dtype torch.int64 (packed tags reach {MAX_PACKED}, "
+                f"which {packed.dtype} cannot hold), but got {packed.dtype}"
+            )
         packed = _as_int_tensor("packed", packed, None)
         if packed.numel() and int(packed.min()) < 0:
             raise ValueError(f"Expected packed tags >= 0 (made by ViewTags.pack), but got {int(packed.min())}")
