@@ -58,7 +58,7 @@ MAX_LABEL = (1 << _LABEL_BITS) - 2
 MAX_IMAGE = (1 << _IMAGE_BITS) - 2
 MAX_SOURCE = (1 << _SOURCE_BITS) - 1
 
-#: The largest packed value (every field at its maximum): only ``int64`` holds the packing.
+# The largest packed value (every field at its maximum): only int64 holds the packing.
 MAX_PACKED = (MAX_SOURCE << _SOURCE_SHIFT) | ((MAX_IMAGE + 1) << _IMAGE_SHIFT) | ((MAX_LABEL + 1) << _LABEL_SHIFT) | 3
 
 _FIELDS = ("kind", "quality", "source", "label", "image")
