@@ -38,6 +38,7 @@ from examples.common import datasets as ds
 from examples.common.config import ConfigError, check
 from examples.common.finetune import GradingDataset
 from examples.common.pipeline import PipelineData
+from examples.common.protocol import data_draw_seeds, label_groups, labelled_subset, unlabelled_label
 from examples.common.views import (
     CachedImages,
     EpochFourViewDataset,
@@ -77,7 +78,12 @@ def supcon_label(target: Tensor) -> int:
 
 @dataclass
 class SyntheticConfig:
-    """Synthetic chest X-ray sets (:class:`mlcl_losses.synthetic.SyntheticChestXray`)."""
+    """Synthetic chest X-ray sets (:class:`mlcl_losses.synthetic.SyntheticChestXray`).
+
+    ``draw_per_seed``: every training seed draws its own training and test sets (data seeds
+    ``seed + 2 s`` and ``seed + 2 s + 1``, :func:`examples.common.protocol.data_draw_seeds`);
+    ``false`` keeps one draw (``seed``, ``seed + 1``) for every training seed.
+    """
 
     n_train: int = 384
     n_test: int = 384
@@ -85,6 +91,7 @@ class SyntheticConfig:
     n_view_copies: int = 2
     cache_dir: str | None = None
     workers: int = 2
+    draw_per_seed: bool = True
 
     def validate(self, key: str) -> None:
         for name in ("n_train", "n_test", "n_view_copies", "workers"):
@@ -154,10 +161,18 @@ def default_cache_dir() -> Path:
 
 
 def _render_one(args: tuple[int, int, int, int, int, tuple[float, float]]) -> dict[str, Any]:
+    n, size, seed, index, copies, severity = args
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread per rendering process; restored, as with 1 worker this is the main one
+    try:
+        return _render(n, size, seed, index, copies, severity)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _render(n: int, size: int, seed: int, index: int, copies: int, severity: tuple[float, float]) -> dict[str, Any]:
     from mlcl_losses.synthetic import SyntheticChestXray
 
-    torch.set_num_threads(1)
-    n, size, seed, index, copies, severity = args
     sample = SyntheticChestXray(n=n, size=size, seed=seed)[index]
     out = {
         "clean": to_uint8(sample.clean_image),
@@ -187,21 +202,41 @@ def _synthetic(cfg: Any, seed: int) -> PipelineData:
     cache = Path(sc.cache_dir) if sc.cache_dir else default_cache_dir()
     size = cfg.data.image_size
     severity = tuple(cfg.pretrain.degradation_severity)
-    train = render_synthetic(sc.n_train, size, sc.seed, sc.n_view_copies, severity, cache, sc.workers)  # type: ignore[arg-type]
-    test = render_synthetic(sc.n_test, size, sc.seed + 1, 0, severity, cache, sc.workers)  # type: ignore[arg-type]
+    train_seed, test_seed = data_draw_seeds(sc.seed, seed, sc.draw_per_seed)
+    train = render_synthetic(sc.n_train, size, train_seed, sc.n_view_copies, severity, cache, sc.workers)  # type: ignore[arg-type]
+    test = render_synthetic(sc.n_test, size, test_seed, 0, severity, cache, sc.workers)  # type: ignore[arg-type]
+    targets, qualities = list(train["labels"]), train["quality"].tolist()
+    labelled = _labelled(cfg, targets, qualities, seed)
+    # pre-training labels (read by SupCon only): "any finding" inside the labelled subset, a class of its own outside
+    keep = set(labelled)
+    supcon = [supcon_label(t) if i in keep else unlabelled_label(2, i) for i, t in enumerate(targets)]
+    train = dict(train, pretrain_label=torch.tensor(supcon))
     sampler = FourViewSampler(patch_size=cfg.pretrain.patch_size, n_healthy=cfg.pretrain.n_healthy)
     views = EpochFourViewDataset(
-        SyntheticViewRecords(train, cfg.pretrain.max_lesions, seed, "labels", supcon_label, _rgb),
+        SyntheticViewRecords(train, cfg.pretrain.max_lesions, seed, "pretrain_label", int, _rgb),
         sampler,
         base_seed=seed,
     )
     train_ds = GradingDataset(
-        CachedImages(train["image"], _rgb), list(train["labels"]), train["quality"].tolist(), cfg.finetune.augment, seed
-    )
+        CachedImages(train["image"], _rgb), targets, qualities, cfg.finetune.augment, seed
+    ).subset(labelled)
     test_ds = GradingDataset(
         CachedImages(test["image"], _rgb), list(test["labels"]), test["quality"].tolist(), False, seed
     )
     return PipelineData(views, train_ds, test_ds, len(LABELS), QUALITY_NAMES)
+
+
+def _stratum(target: Tensor) -> int:
+    """Stratum of a multi-hot target for the labelled subset: its first finding, -1 for No Finding."""
+    hits = target.nonzero().flatten().tolist()
+    return int(hits[0]) if hits else -1
+
+
+def _labelled(cfg: Any, targets: Sequence[Tensor], qualities: Sequence[int], seed: int) -> list[int]:
+    """The labelled subset of the training images (stratified by first finding), the same for every method."""
+    fine = cfg.finetune
+    strata = [_stratum(t) for t in targets]
+    return labelled_subset(strata, qualities, fine.label_fraction, label_groups(fine.label_qualities), seed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -343,8 +378,17 @@ def _real(cfg: Any, seed: int) -> PipelineData:
             len(not_train),
             not_train[0],
         )
+    data_seed = cfg.data.synthetic.seed
+    train_quality = [image_quality(n, data_seed, rc.quality_probs) for n in train_names]
+    labelled = _labelled(cfg, [ds.multi_hot(records[n].labels) for n in train_names], train_quality, seed)
+    keep = {train_names[i] for i in labelled}
+    position = {n: i for i, n in enumerate(train_names)}
+
+    def supcon(name: str, label: int) -> int:  # SupCon's label only inside the labelled subset
+        return label if name in keep else unlabelled_label(2, position[name])
+
     items: list[tuple[Path, list[ds.Box], list[ds.Box] | None, int]] = [
-        (image_dir / n, lesions[n], healthy.get(n) or None, 1) for n in train_names if lesions.get(n)
+        (image_dir / n, lesions[n], healthy.get(n) or None, supcon(n, 1)) for n in train_names if lesions.get(n)
     ]
     if not items:
         raise ConfigError(
@@ -352,7 +396,7 @@ def _real(cfg: Any, seed: int) -> PipelineData:
             "(the official BBox_List_2017.csv covers mostly test images: give a detector's boxes_json for train images)"
         )
     normal = [n for n in train_names if not records[n].labels and not lesions.get(n)][: rc.healthy_images]
-    items += [(image_dir / n, [], healthy.get(n) or None, 0) for n in normal]
+    items += [(image_dir / n, [], healthy.get(n) or None, supcon(n, 0)) for n in normal]
     sampler = FourViewSampler(patch_size=cfg.pretrain.patch_size, n_healthy=cfg.pretrain.n_healthy)
     degradation = _GrayDegradation(
         XrayDegradation(severity=tuple(cfg.pretrain.degradation_severity), kinds="random")  # type: ignore[arg-type]
@@ -360,7 +404,6 @@ def _real(cfg: Any, seed: int) -> PipelineData:
     views: FourViewDataset = EpochFourViewDataset(
         RealViewRecords(items, rc.view_image_size, cfg.pretrain.max_lesions, seed), sampler, degradation, base_seed=seed
     )
-    data_seed = cfg.data.synthetic.seed
     ranges = [tuple(r) for r in rc.severity_ranges]
 
     def grading(names: list[str], augment: bool) -> GradingDataset:
@@ -369,9 +412,8 @@ def _real(cfg: Any, seed: int) -> PipelineData:
         targets = [ds.multi_hot(records[n].labels) for n in names]
         return GradingDataset(loader, targets, quality, augment, seed)  # type: ignore[arg-type]
 
-    return PipelineData(
-        views, grading(train_names, cfg.finetune.augment), grading(test_names, False), len(LABELS), QUALITY_NAMES
-    )
+    train_ds = grading(train_names, cfg.finetune.augment).subset(labelled)
+    return PipelineData(views, train_ds, grading(test_names, False), len(LABELS), QUALITY_NAMES)
 
 
 def build_data(cfg: Any, seed: int) -> PipelineData:

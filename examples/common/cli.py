@@ -113,7 +113,18 @@ def build_parser(spec: PipelineCLI) -> argparse.ArgumentParser:
         help="train every method with the same budget and seed(s); write compare.json/.md/.png",
     )
     p.add_argument("--methods", default=",".join(METHOD_CHOICES), help="comma-separated methods for --compare")
-    p.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...); reports mean ± std")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="number of repeats (seed, seed+1, ...; each its own data draw); mean ± std and paired differences",
+    )
+    p.add_argument(
+        "--pretrained",
+        type=Path,
+        default=None,
+        help="with --compare/--seeds: folder of the pre-trained encoders to reuse or fill (default: OUT/pretrain)",
+    )
     if spec.add_arguments is not None:
         spec.add_arguments(p)
     p.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)  # tests: interruption
@@ -167,7 +178,8 @@ def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[st
 
     from examples.common import ddp
     from examples.common.compare import run_comparison
-    from examples.common.pipeline import RunOptions, run_pipeline
+    from examples.common.pipeline import RunOptions, encoder_fingerprint, run_fingerprint, run_pipeline
+    from examples.common.protocol import machine_description, pretrain_folder, pretrain_identity
     from examples.common.runlog import write_json
 
     out = args.out or Path(cfg.run.out)
@@ -182,7 +194,9 @@ def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[st
     data_cache: dict[int, Any] = {}
     task = spec.make_task(cfg, None)  # the task of the summaries (pos_weight etc. are set per run)
 
-    def run_one(method: str, seed: int, run_dir: Path, resume: bool, stop: int | None = None) -> dict[str, Any] | None:
+    def run_one(
+        method: str, seed: int, run_dir: Path, resume: bool, stop: int | None = None, encoder: Path | None = None
+    ) -> dict[str, Any] | None:
         if seed not in data_cache:
             data_cache.clear()
             with ddp.main_first():  # rank 0 renders and caches synthetic data, the others read the cache
@@ -191,14 +205,60 @@ def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[st
         options = RunOptions(seed, cfg.run.device, cfg.run.num_workers, cfg.run.tensorboard, resume, stop)
         run_task = spec.make_task(cfg, data)
         return run_pipeline(
-            method, cfg.model, cfg.pretrain, cfg.finetune, data, run_dir, options, identity, task=run_task
+            method, cfg.model, cfg.pretrain, cfg.finetune, data, run_dir, options, identity, run_task, encoder
         )
 
+    encoders = args.pretrained or out / "pretrain"
+
+    def pretrain(method: str, seed: int) -> Path:
+        """Pre-train once per (method, repeat): every fine-tuning cell reuses ``encoder.pt``."""
+        if seed not in data_cache:
+            data_cache.clear()
+            with ddp.main_first():
+                data_cache[seed] = spec.build_data(cfg, seed, args)
+        pre_identity = pretrain_identity(identity, method)
+        run_dir = encoders / pretrain_folder(method, cfg.finetune) / f"seed{seed}"
+        expected = run_fingerprint(method, seed, pre_identity, pretrain_only=True)
+        found = encoder_fingerprint(run_dir / "encoder.pt")
+        if found == expected:
+            return run_dir / "encoder.pt"
+        if found is not None:
+            raise CheckpointError(
+                f"{run_dir / 'encoder.pt'} was pre-trained with another configuration; "
+                "use another --out or --pretrained"
+            )
+        options = RunOptions(seed, cfg.run.device, cfg.run.num_workers, cfg.run.tensorboard, False, None)
+        options.resume = args.resume and (run_dir / "checkpoint.pt").is_file()
+        info = run_pipeline(
+            method,
+            cfg.model,
+            cfg.pretrain,
+            cfg.finetune,
+            data_cache[seed],
+            run_dir,
+            options,
+            pre_identity,
+            pretrain_only=True,
+        )
+        if info is None:  # pragma: no cover - only --stop-after-epochs stops a run early
+            raise RuntimeError(f"pre-training {run_dir} stopped early")
+        return run_dir / "encoder.pt"
+
     def cached(m: str, s: int, d: Path) -> dict[str, Any]:
-        return cached_or_run(run_one, m, s, d, args.resume)
+        if args.resume and (d / "metrics.json").is_file():
+            return json.loads((d / "metrics.json").read_text(encoding="utf-8"))
+        encoder = None if m == "ce" else pretrain(m, s)
+        return cached_or_run(lambda *a: run_one(*a, encoder=encoder), m, s, d, args.resume)
 
     start = time.perf_counter()
     seeds = [cfg.run.seed + i for i in range(args.seeds)]
+    meta = {
+        "command": " ".join([Path(sys.argv[0]).name if sys.argv else spec.prog, *(sys.argv[1:] if sys.argv else [])]),
+        "machine": machine_description(),
+        "label_fraction": cfg.finetune.label_fraction,
+        "label_qualities": cfg.finetune.label_qualities,
+        "config": config_to_dict(cfg),
+    }
     if not args.compare:
         if len(seeds) == 1:
             metrics = run_one(cfg.run.method, seeds[0], out, args.resume, args.stop_after_epochs)
@@ -207,11 +267,11 @@ def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[st
                 return 0
             say(task.summary(metrics, groups))
         else:
-            results = run_comparison(cached, [cfg.run.method], seeds, out, groups, task=task, write=is_main)
+            results = run_comparison(cached, [cfg.run.method], seeds, out, groups, task=task, write=is_main, meta=meta)
             say(task.summary(results[cfg.run.method], groups))
     else:
         title = f"{spec.name} ({cfg.data.source}), {len(seeds)} seed(s)"
-        run_comparison(cached, methods, seeds, out, groups, title, task, write=is_main)
+        run_comparison(cached, methods, seeds, out, groups, title, task, write=is_main, meta=meta)
         if is_main:
             print((out / "compare.md").read_text(encoding="utf-8"))
             print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / task.plot.filename}")

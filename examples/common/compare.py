@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from examples.common.paired import comparison_pairs, paired_differences, paired_table, plot_paired
 from examples.common.runlog import write_json
 from examples.common.task import METHOD_LABELS, SingleLabelTask, Task
 
@@ -157,24 +159,49 @@ def run_comparison(
     title: str = "",
     task: Task | None = None,
     write: bool = True,
+    meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run every method for every seed (``run_one(method, seed, run_dir)``) and write the summaries.
 
-    Writes ``OUT/compare.json`` (method -> mean metrics, ``std``, per-seed ``runs``), ``OUT/compare.md``
-    and the plot ``OUT/<task.plot.filename>``; rewritten after each run, so partial results are visible.
-    With ``write=False`` (ranks other than 0 of a multi-process run) nothing is written.
+    Repeats come first (seed 0 for every method, then seed 1, ...), so an interrupted comparison has
+    whole repeats to pair. Writes ``OUT/compare.json`` (method -> mean metrics, ``std``, per-seed
+    ``runs``), ``OUT/paired.json`` (:func:`~examples.common.paired.paired_differences` of
+    :func:`~examples.common.paired.comparison_pairs`), ``OUT/compare.md`` (both tables),
+    ``OUT/protocol.json`` (``meta``, the seeds done, wall time, torch threads) and the plots
+    ``OUT/<task.plot.filename>`` and ``OUT/paired_<headline>.png``; rewritten after each run, so
+    partial results are visible. With ``write=False`` (ranks other than 0 of a multi-process run)
+    nothing is written.
     """
+    import torch
+
     task = task if task is not None else SingleLabelTask()
     out = Path(out_dir)
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     results: dict[str, Any] = {}
-    for method in methods:
-        runs = []
-        for seed in seeds:
-            runs.append(run_one(method, seed, out / method / f"seed{seed}"))
-            results[method] = aggregate(runs, groups, task)
+    pairs = comparison_pairs(methods)
+    start = time.perf_counter()
+    for i, seed in enumerate(seeds):
+        for method in methods:
+            runs[method].append(run_one(method, seed, out / method / f"seed{seed}"))
+            results = {m: aggregate(r, groups, task) for m, r in runs.items() if r}
             if write:
+                paired = paired_differences(runs, groups, pairs, task)
                 write_json(out / "compare.json", results)
-                (out / "compare.md").write_text(markdown_table(results, groups, task), encoding="utf-8")
-    if write:
-        plot_groups(results, groups, out / task.plot.filename, task, title)
+                write_json(out / "paired.json", paired)
+                table = markdown_table(results, groups, task)
+                if paired:
+                    table += "\nPaired differences over repeats, mean [95 % t-interval]:\n\n"
+                    table += paired_table(paired, groups, task)
+                (out / "compare.md").write_text(table, encoding="utf-8")
+                info = dict(meta or {})
+                info |= {
+                    "seeds_done": list(seeds[:i]) + ([seed] if method == methods[-1] else []),
+                    "wall_s": time.perf_counter() - start,
+                    "torch_threads": torch.get_num_threads(),
+                }
+                write_json(out / "protocol.json", info)
+        if write:
+            plot_groups(results, groups, out / task.plot.filename, task, title)
+            if pairs and i >= 1:
+                plot_paired(paired, groups, out / f"paired_{task.headline}.png", task, title)
     return results

@@ -28,6 +28,7 @@ __all__ = [
     "ConfigError",
     "ModelConfig",
     "OptimConfig",
+    "QUALITY_KEYS",
     "PretrainConfig",
     "FinetuneConfig",
     "LevelWeights",
@@ -60,6 +61,8 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 REGULARIZERS = ("hard", "linear", "log", "mixture")
 PACES = ("constant", "linear", "exponential", "quantile")
+#: Image-quality groups of both pipelines (EyeQ's grading; simulated for ChestX-ray14), lower case.
+QUALITY_KEYS = ("good", "usable", "reject")
 
 
 @dataclass
@@ -236,6 +239,11 @@ class FinetuneConfig:
 
     ``freeze_epochs``: the first epochs train the classifier only, on frozen encoder features
     (BatchNorm statistics frozen too), then everything (linear probing, then fine-tuning).
+
+    The labelled subset (the two axes of the label-scarce protocol): fine-tuning uses the labels of
+    ``label_fraction`` of the training images whose quality is in ``label_qualities`` (``null``: every
+    quality), drawn stratified by class from the training seed, so every method of a repeat gets the same
+    subset; ``1.0`` with ``[good]`` means every Good image. Pre-training always uses every training image.
     """
 
     epochs: int = 20
@@ -243,6 +251,8 @@ class FinetuneConfig:
     freeze_epochs: int = 0
     label_smoothing: float = 0.0
     augment: bool = True
+    label_fraction: float = 1.0
+    label_qualities: list[str] | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self, key: str) -> None:
@@ -255,6 +265,16 @@ class FinetuneConfig:
             self.freeze_epochs,
         )
         check(0 <= self.label_smoothing < 1, f"{key}.label_smoothing", "a number in [0, 1)", self.label_smoothing)
+        check(0 < self.label_fraction <= 1, f"{key}.label_fraction", "a fraction in (0, 1]", self.label_fraction)
+        if self.label_qualities is not None:
+            check(
+                len(self.label_qualities) > 0
+                and len(set(self.label_qualities)) == len(self.label_qualities)
+                and all(q in QUALITY_KEYS for q in self.label_qualities),
+                f"{key}.label_qualities",
+                f"null or a non-empty list of distinct names from {QUALITY_KEYS}",
+                self.label_qualities,
+            )
         self.optim.validate(f"{key}.optim")
 
 

@@ -29,6 +29,16 @@ __all__ = [
 ]
 
 
+class _SubsetLoader:
+    """``i -> load(indices[i])`` (a class, so DataLoader workers can pickle it)."""
+
+    def __init__(self, load: Callable[[int], Tensor], indices: list[int]) -> None:
+        self.load, self.indices = load, indices
+
+    def __call__(self, i: int) -> Tensor:
+        return self.load(self.indices[i])
+
+
 class GradingDataset(Dataset[tuple[Tensor, int, int]]):
     """Images with a class target and a group (e.g. image quality) for fine-tuning and evaluation.
 
@@ -60,6 +70,21 @@ class GradingDataset(Dataset[tuple[Tensor, int, int]]):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def subset(self, indices: Sequence[int]) -> GradingDataset:
+        """The images ``indices`` (e.g. the labelled subset) as a dataset of their own, same settings."""
+        n = len(self.targets)
+        bad = [i for i in indices if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"Expected `indices` in [0, {n}), but got {bad[:5]}")
+        keep = list(indices)
+        return GradingDataset(
+            _SubsetLoader(self.load, keep),
+            [self.targets[i] for i in keep],
+            [self.groups[i] for i in keep],
+            self.augment,
+            self.seed,
+        )
 
     def __len__(self) -> int:
         return len(self.targets)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pickle
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +38,15 @@ from examples.common.task import SingleLabelTask, Task
 from mlcl_losses.degrade import mix_seed
 from mlcl_losses.views import collate_four_views
 
-__all__ = ["METHODS", "PipelineData", "RunOptions", "run_pipeline"]
+__all__ = [
+    "METHODS",
+    "PipelineData",
+    "RunOptions",
+    "encoder_fingerprint",
+    "load_encoder",
+    "run_fingerprint",
+    "run_pipeline",
+]
 
 METHODS = ("ce", *PRETRAIN_METHODS)
 _STAGES = {"pretrain": 1, "finetune": 2}
@@ -118,6 +128,73 @@ def _fingerprint(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def run_fingerprint(
+    method: str,
+    seed: int,
+    identity: dict[str, Any] | None,
+    pretrain_only: bool = False,
+    encoder: str | None = None,
+) -> str:
+    """The identity of a run (checkpoints and encoders carry it; a resumed or reused one must match).
+
+    Args:
+        method: the run's method.
+        seed: its training seed.
+        identity: the configuration (without run-time settings).
+        pretrain_only: a pre-training run (see :func:`run_pipeline`).
+        encoder: the fingerprint of the encoder a fine-tuning run starts from.
+    """
+    return _fingerprint(
+        {"method": method, "seed": seed, **(identity or {})}
+        | ({} if encoder is None else {"encoder": encoder})
+        | ({"pretrain_only": True} if pretrain_only else {})
+    )
+
+
+def encoder_fingerprint(path: str | Path) -> str | None:
+    """The fingerprint stored in an ``encoder.pt`` (``None`` when there is no file)."""
+    if not Path(path).is_file():
+        return None
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    return str(state.get("fingerprint")) if isinstance(state, dict) else None
+
+
+def load_encoder(path: str | Path, method: str, seed: int) -> dict[str, Any]:
+    """An ``encoder.pt`` of a ``pretrain_only`` run (read with ``weights_only=True``); checks method and seed.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, or another method's or seed's encoder.
+    """
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"cannot read the pre-trained encoder {path}: {err}") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a pre-trained encoder file")
+    if state.get("kind") != "encoder" or state.get("method") != method or state.get("seed") != seed:
+        raise CheckpointError(
+            f"{path} is not the pre-trained encoder of method {method!r}, seed {seed} "
+            f"(it holds kind {state.get('kind')!r}, method {state.get('method')!r}, seed {state.get('seed')!r})"
+        )
+    return state
+
+
+def _save_encoder(
+    out: Path, model: ContrastiveModel, method: str, seed: int, fingerprint: str, times: dict[str, float], main: bool
+) -> dict[str, Any]:
+    path = out / "encoder.pt"
+    info = {"method": method, "seed": seed, "encoder": str(path), "fingerprint": fingerprint}
+    if main:
+        payload = {"kind": "encoder", "method": method, "seed": seed, "fingerprint": fingerprint}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(payload | {"encoder": _to_cpu(model.encoder.state_dict())}, tmp)
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
+        if times:  # not when a finished pre-training is only resumed to write the file
+            write_json(out / "timing.json", times)
+    ddp.barrier()
+    return info
+
+
 def run_pipeline(
     method: str,
     model_cfg: ModelConfig,
@@ -128,22 +205,36 @@ def run_pipeline(
     options: RunOptions,
     identity: dict[str, Any] | None = None,
     task: Task | None = None,
+    encoder_file: str | Path | None = None,
+    pretrain_only: bool = False,
 ) -> dict[str, Any] | None:
     """Run ``method`` and write ``OUT/metrics.json``; returns the metrics (``None`` when stopped early).
+
+    The benchmark protocol pre-trains once per (method, repeat) and fine-tunes that encoder in every
+    cell: ``pretrain_only`` stops after pre-training and writes the encoder to ``OUT/encoder.pt``
+    (returning ``{"method", "seed", "encoder", "fingerprint"}``); ``encoder_file`` skips pre-training
+    and starts fine-tuning from such a file.
 
     Args:
         method: ``"ce"`` (no pre-training) or one of :data:`~examples.common.pretrain.PRETRAIN_METHODS`.
         identity: the full configuration; a resumed run must have the same one.
         task: the fine-tuning loss, prediction and metrics (default :class:`~examples.common.task.SingleLabelTask`).
+        encoder_file: an ``encoder.pt`` of a ``pretrain_only`` run of the same method and seed.
+        pretrain_only: pre-train and save the encoder, no fine-tuning (not for ``"ce"``).
     """
     task = task if task is not None else SingleLabelTask()
     if method not in METHODS:
         raise ValueError(f"Expected `method` in {METHODS}, but got {method!r}")
+    if pretrain_only and (method == "ce" or encoder_file is not None):
+        raise ValueError(f"`pretrain_only` needs a pre-training method and no `encoder_file`, got {method!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(options.device)
     ckpt_path = out / "checkpoint.pt"
-    fingerprint = _fingerprint({"method": method, "seed": options.seed, **(identity or {})})
+    pretrained = None if encoder_file is None else load_encoder(encoder_file, method, options.seed)
+    fingerprint = run_fingerprint(
+        method, options.seed, identity, pretrain_only, None if pretrained is None else pretrained["fingerprint"]
+    )
     seed = options.seed
     seed_everything(seed)
     job = ddp.info()
@@ -157,7 +248,9 @@ def run_pipeline(
     encoder = build_encoder(model_cfg.arch, model_cfg.width, model_cfg.weights)
     contrastive = ContrastiveModel(encoder, model_cfg.proj_hidden, model_cfg.proj_dim).to(device)
     ddp.broadcast_module(contrastive)  # every rank starts from rank 0's initialisation
-    pre_epochs = 0 if method == "ce" else pretrain_cfg.epochs
+    if pretrained is not None:
+        contrastive.encoder.load_state_dict(pretrained["encoder"])
+    pre_epochs = 0 if method == "ce" or pretrained is not None else pretrain_cfg.epochs
     pre = (
         build_pretrain(
             method,
@@ -258,6 +351,8 @@ def run_pipeline(
                     return None
             times["pretrain_s"] = time.perf_counter() - t0
             stage, done = "finetune", 0
+        if pretrain_only:  # the encoder after the last pre-training epoch (restored when resumed)
+            return _save_encoder(out, contrastive, method, seed, fingerprint, times, job.is_main)
         if stage == "pretrain":  # method "ce"
             stage, done = "finetune", 0
         if fine is None:
@@ -300,6 +395,8 @@ def run_pipeline(
         times["evaluate_s"] = time.perf_counter() - t0
         metrics["method"] = method
         metrics["seed"] = seed
+        metrics["torch_threads"] = torch.get_num_threads()  # CPU reductions, hence the last digits, depend on it
+        metrics["labelled_images"] = len(data.train)
         if job.enabled:
             metrics["world_size"] = job.world_size
         if job.is_main:

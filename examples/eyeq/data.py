@@ -32,6 +32,7 @@ from examples.common import datasets as ds
 from examples.common.config import ConfigError, check
 from examples.common.finetune import GradingDataset
 from examples.common.pipeline import PipelineData
+from examples.common.protocol import data_draw_seeds, label_groups, labelled_subset, unlabelled_label
 from examples.common.views import (
     CachedImages,
     EpochFourViewDataset,
@@ -55,7 +56,13 @@ NUM_GRADES = ds.EYEQ_DR_GRADES
 
 @dataclass
 class SyntheticConfig:
-    """Synthetic fundus sets (:class:`mlcl_losses.synthetic.SyntheticFundus`)."""
+    """Synthetic fundus sets (:class:`mlcl_losses.synthetic.SyntheticFundus`).
+
+    ``draw_per_seed``: every training seed draws its own training and test sets (data seeds
+    ``seed + 2 s`` and ``seed + 2 s + 1``, :func:`examples.common.protocol.data_draw_seeds`), so
+    repeats vary the data too and no image is a training image in one repeat and a test image in
+    another; ``false`` keeps one draw (``seed``, ``seed + 1``) for every training seed.
+    """
 
     n_train: int = 320
     n_test: int = 320
@@ -63,6 +70,7 @@ class SyntheticConfig:
     n_view_copies: int = 2
     cache_dir: str | None = None
     workers: int = 2
+    draw_per_seed: bool = True
 
     def validate(self, key: str) -> None:
         for name in ("n_train", "n_test", "n_view_copies", "workers"):
@@ -119,10 +127,18 @@ def default_cache_dir() -> Path:
 
 
 def _render_one(args: tuple[int, int, int, int, int, tuple[float, float]]) -> dict[str, Any]:
+    n, size, seed, index, copies, severity = args
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread per rendering process; restored, as with 1 worker this is the main one
+    try:
+        return _render(n, size, seed, index, copies, severity)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _render(n: int, size: int, seed: int, index: int, copies: int, severity: tuple[float, float]) -> dict[str, Any]:
     from mlcl_losses.synthetic import SyntheticFundus
 
-    torch.set_num_threads(1)
-    n, size, seed, index, copies, severity = args
     sample = SyntheticFundus(n=n, size=size, seed=seed)[index]
     out = {
         "clean": (sample.clean_image * 255).round().to(torch.uint8),
@@ -152,17 +168,33 @@ def _synthetic(cfg: Any, seed: int) -> PipelineData:
     cache = Path(sc.cache_dir) if sc.cache_dir else default_cache_dir()
     size = cfg.data.image_size
     severity = tuple(cfg.pretrain.degradation_severity)
-    train = render_synthetic(sc.n_train, size, sc.seed, sc.n_view_copies, severity, cache, sc.workers)  # type: ignore[arg-type]
-    test = render_synthetic(sc.n_test, size, sc.seed + 1, 0, severity, cache, sc.workers)  # type: ignore[arg-type]
+    train_seed, test_seed = data_draw_seeds(sc.seed, seed, sc.draw_per_seed)
+    train = render_synthetic(sc.n_train, size, train_seed, sc.n_view_copies, severity, cache, sc.workers)  # type: ignore[arg-type]
+    test = render_synthetic(sc.n_test, size, test_seed, 0, severity, cache, sc.workers)  # type: ignore[arg-type]
+    grades, qualities = train["grade"].tolist(), train["quality"].tolist()
+    labelled = _labelled(cfg, grades, qualities, seed)
+    # pre-training labels (read by SupCon only): the grade inside the labelled subset, a class of its own outside
+    train = dict(train, pretrain_label=torch.tensor(_pretrain_labels(grades, labelled)))
     sampler = FourViewSampler(patch_size=cfg.pretrain.patch_size, n_healthy=cfg.pretrain.n_healthy)
     views = EpochFourViewDataset(
-        SyntheticViewRecords(train, cfg.pretrain.max_lesions, seed, "grade"), sampler, base_seed=seed
+        SyntheticViewRecords(train, cfg.pretrain.max_lesions, seed, "pretrain_label"), sampler, base_seed=seed
     )
-    train_ds = GradingDataset(
-        CachedImages(train["image"]), train["grade"].tolist(), train["quality"].tolist(), cfg.finetune.augment, seed
+    train_ds = GradingDataset(CachedImages(train["image"]), grades, qualities, cfg.finetune.augment, seed).subset(
+        labelled
     )
     test_ds = GradingDataset(CachedImages(test["image"]), test["grade"].tolist(), test["quality"].tolist(), False, seed)
     return PipelineData(views, train_ds, test_ds, NUM_GRADES, QUALITY_NAMES)
+
+
+def _labelled(cfg: Any, grades: Sequence[int], qualities: Sequence[int], seed: int) -> list[int]:
+    """The labelled subset of the training images (stratified by grade), the same for every method."""
+    fine = cfg.finetune
+    return labelled_subset(grades, qualities, fine.label_fraction, label_groups(fine.label_qualities), seed)
+
+
+def _pretrain_labels(grades: Sequence[int], labelled: Sequence[int]) -> list[int]:
+    keep = set(labelled)
+    return [int(g) if i in keep else unlabelled_label(NUM_GRADES, i) for i, g in enumerate(grades)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,6 +294,10 @@ def _real(cfg: Any, seed: int, allow_pickle: bool) -> PipelineData:
     if rc.boxes_split not in boxes:
         raise ConfigError(f"data.eyeq.boxes_split: split {rc.boxes_split!r} not in the box file (has {sorted(boxes)})")
     split = boxes[rc.boxes_split]
+    labelled = _labelled(cfg, [r.dr_grade for r in train_rows], [r.quality for r in train_rows], seed)
+    pretrain_label = dict(
+        zip([r.image for r in train_rows], _pretrain_labels([r.dr_grade for r in train_rows], labelled), strict=True)
+    )
     by_name = {r.image: r for r in train_rows}
     items = []
     skipped = 0
@@ -275,7 +311,7 @@ def _real(cfg: Any, seed: int, allow_pickle: bool) -> PipelineData:
                 train_dir / row.image,
                 split.unhealthy.get(key, []),
                 split.healthy.get(key) or None,
-                row.dr_grade,
+                pretrain_label[row.image],  # SupCon's label: the grade only inside the labelled subset
                 row.quality,
             )
         )
@@ -297,7 +333,7 @@ def _real(cfg: Any, seed: int, allow_pickle: bool) -> PipelineData:
         [r.quality for r in train_rows],
         cfg.finetune.augment,
         seed,
-    )
+    ).subset(labelled)
     test_ds = GradingDataset(
         _ImageLoader([test_dir / r.image for r in test_rows], size),
         [r.dr_grade for r in test_rows],

@@ -1,0 +1,227 @@
+"""The benchmark protocol: data draws without leaks, the labelled subset, encoder reuse, paired intervals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from examples.common.config import ConfigError, load_config
+from examples.common.paired import comparison_pairs, paired_differences, paired_table
+from examples.common.protocol import data_draw_seeds, label_groups, labelled_subset, pretrain_identity
+from examples.eyeq.data import NUM_GRADES, build_data
+from examples.eyeq.train import EyeQConfig, main
+from pipeline_helpers import read_metrics, run_tiny
+from scipy import stats
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "examples" / "eyeq" / "configs" / "tiny.yaml"
+
+
+def _run(out: Path, cache: Path, *extra: str) -> int:
+    return run_tiny(main, TINY, out, cache, *extra)
+
+
+def _tiny(cache: Path, *overrides: str) -> EyeQConfig:
+    return load_config(EyeQConfig, TINY, [f"data.synthetic.cache_dir={cache}", *overrides])
+
+
+def _digests(images: torch.Tensor) -> set[str]:
+    return {hashlib.sha256(img.numpy().tobytes()).hexdigest() for img in images}
+
+
+# ---------------------------------------------------------------- data draws
+
+
+def test_draw_seeds_never_reuse_a_test_seed_for_training() -> None:
+    train = {data_draw_seeds(1000, s)[0] for s in range(200)}
+    test = {data_draw_seeds(1000, s)[1] for s in range(200)}
+    assert len(train) == len(test) == 200  # a new draw per repeat
+    assert not train & test
+    assert data_draw_seeds(1000, 0) == (1000, 1001)  # repeat 0 is the single-draw layout
+    assert data_draw_seeds(1000, 5, per_seed=False) == (1000, 1001)
+    with pytest.raises(ValueError, match="`seed` >= 0"):
+        data_draw_seeds(1000, -1)
+
+
+def test_no_image_is_training_in_one_repeat_and_test_in_any(cache_dir: Path) -> None:
+    cfg = _tiny(cache_dir)
+    draws = [build_data(cfg, seed) for seed in range(3)]
+    train = [_digests(d.views.records.data["image"]) for d in draws]
+    test = [_digests(torch.stack([d.test[i][0] for i in range(len(d.test))]).mul(255).round().byte()) for d in draws]
+    assert all(len(t) == cfg.data.synthetic.n_train for t in train)
+    for i in range(3):
+        for j in range(3):
+            assert not train[i] & test[j], f"a training image of repeat {i} is a test image of repeat {j}"
+    assert train[0] != train[1]
+    assert test[0] != test[1]
+    same = [build_data(_tiny(cache_dir, "data.synthetic.draw_per_seed=false"), s) for s in (0, 1)]
+    assert torch.equal(same[0].views.records.data["image"], same[1].views.records.data["image"])
+
+
+# ---------------------------------------------------------------- labelled subset
+
+
+def test_labelled_subset_stratified_and_shared_by_methods() -> None:
+    g = torch.Generator().manual_seed(0)
+    strata = torch.randint(0, 5, (400,), generator=g).tolist()
+    groups = torch.randint(0, 3, (400,), generator=g).tolist()
+    pool = [i for i in range(400) if groups[i] == 0]
+    chosen = labelled_subset(strata, groups, 0.25, [0], seed=3)
+    assert chosen == labelled_subset(strata, groups, 0.25, [0], seed=3)  # the same for every method
+    assert chosen != labelled_subset(strata, groups, 0.25, [0], seed=4)  # a new subset per repeat
+    assert len(chosen) == round(0.25 * len(pool))
+    assert all(groups[i] == 0 for i in chosen)
+    want, got = Counter(strata[i] for i in pool), Counter(strata[i] for i in chosen)
+    for k in want:
+        assert abs(got[k] - 0.25 * want[k]) < 1, (k, got[k], want[k])
+    assert labelled_subset(strata, groups, 1.0, [0], seed=0) == pool  # 1.0 with Good only: every Good image
+    assert labelled_subset(strata, groups, 1.0, None, seed=0) == list(range(400))
+
+
+def test_labelled_subset_one_per_stratum_and_errors() -> None:
+    strata = [0] * 95 + [1] * 5
+    chosen = labelled_subset(strata, [0] * 100, 0.05, None, seed=0)
+    assert len(chosen) == 5
+    assert any(strata[i] == 1 for i in chosen)
+    with pytest.raises(ValueError, match="same length"):
+        labelled_subset([0, 1], [0], 0.5, None, 0)
+    with pytest.raises(ValueError, match=r"`fraction` in \(0, 1\]"):
+        labelled_subset([0, 1], [0, 0], 0.0, None, 0)
+    with pytest.raises(ValueError, match="no training image has a group"):
+        labelled_subset([0, 1], [0, 0], 0.5, [2], 0)
+    assert label_groups(["reject", "good"]) == [0, 2]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("finetune.label_fraction=0", "finetune.label_fraction: expected a fraction in (0, 1]"),
+        ("finetune.label_fraction=1.5", "finetune.label_fraction: expected a fraction in (0, 1]"),
+        ("finetune.label_qualities=[poor]", "finetune.label_qualities: expected null or a non-empty list"),
+        ("finetune.label_qualities=[]", "finetune.label_qualities: expected null or a non-empty list"),
+    ],
+    ids=["zero", "above-one", "unknown-quality", "empty"],
+)
+def test_label_config_errors(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(EyeQConfig, TINY, [override])
+    assert message in str(err.value)
+
+
+def test_pipeline_labels_only_the_subset(cache_dir: Path) -> None:
+    cfg = _tiny(
+        cache_dir, "data.synthetic.n_train=24", "finetune.label_fraction=0.5", "finetune.label_qualities=[good]"
+    )
+    data = build_data(cfg, 0)
+    quality = data.views.records.data["quality"].tolist()
+    grades = data.views.records.data["grade"].tolist()
+    good = [i for i, q in enumerate(quality) if q == 0]
+    assert len(data.train) == round(0.5 * len(good))
+    assert set(data.train.groups) == {0}
+    assert len(data.views) == 24  # pre-training sees every training image
+    labels = data.views.records.data["pretrain_label"].tolist()
+    labelled = [i for i, lab in enumerate(labels) if lab < NUM_GRADES]
+    assert len(labelled) == len(data.train)
+    assert all(labels[i] == grades[i] for i in labelled)  # SupCon sees the grade inside the subset only
+    others = [labels[i] for i in range(24) if i not in labelled]
+    assert len(set(others)) == len(others)  # outside it, every image is a class of its own
+
+
+def test_pretrain_identity_ignores_finetuning_except_supcon_labels() -> None:
+    ident = {"model": {"width": 1}, "finetune": {"epochs": 3, "label_fraction": 0.1, "label_qualities": ["good"]}}
+    assert pretrain_identity(ident, "comcl") == {"model": {"width": 1}}
+    assert pretrain_identity(ident, "supcon")["labels"] == {"label_fraction": 0.1, "label_qualities": ["good"]}
+
+
+# ---------------------------------------------------------------- encoder reuse, determinism
+
+
+@pytest.mark.slow
+def test_compare_pretrains_once_and_matches_single_runs(tmp_path: Path, cache_dir: Path) -> None:
+    cell = ["--set", "finetune.label_fraction=0.5", "--set", "finetune.epochs=2"]
+    assert _run(tmp_path / "single", cache_dir, *cell, "--method", "simclr", "--seed", "1") == 0
+    cmp = tmp_path / "cmp"
+    assert _run(cmp, cache_dir, *cell, "--compare", "--methods", "ce,simclr,supcon", "--seeds", "2") == 0
+    # fine-tuning the saved encoder gives what pre-training and fine-tuning in one run gives
+    assert read_metrics(tmp_path / "single") == read_metrics(cmp / "simclr" / "seed1")
+    encoder = cmp / "pretrain" / "simclr" / "seed0" / "encoder.pt"
+    stamp = encoder.stat().st_mtime_ns
+    # another cell reuses the encoders; SupCon, which saw the labels, pre-trains again
+    other = tmp_path / "other"
+    args = [
+        "--set",
+        "finetune.epochs=2",
+        "--compare",
+        "--methods",
+        "simclr,supcon",
+        "--pretrained",
+        str(cmp / "pretrain"),
+    ]
+    assert _run(other, cache_dir, *args) == 0
+    assert encoder.stat().st_mtime_ns == stamp
+    assert not (other / "pretrain").exists()
+    assert sorted(p.name for p in (cmp / "pretrain").iterdir()) == [
+        "simclr",
+        "supcon_labels0.5_all",
+        "supcon_labels1_all",
+    ]
+    assert read_metrics(other / "simclr" / "seed0")["labelled_images"] == 16
+    paired = json.loads((cmp / "paired.json").read_text())
+    assert paired["simclr - ce"]["seeds"] == [0, 1]
+    # an encoder of another pre-training configuration is refused, not silently reused
+    changed = [*args, "--set", "pretrain.temperature=0.3"]
+    assert _run(tmp_path / "third", cache_dir, *changed) == 2
+
+
+@pytest.mark.slow
+def test_same_numbers_with_cold_and_warm_cache(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    args = ["--set", "data.synthetic.workers=1", "--set", "run.torch_threads=2", "--method", "simclr"]
+    assert _run(tmp_path / "cold", cache, *args) == 0  # renders in this process
+    assert _run(tmp_path / "warm", cache, *args) == 0  # reads the cache
+    cold, warm = read_metrics(tmp_path / "cold"), read_metrics(tmp_path / "warm")
+    assert cold["torch_threads"] == warm["torch_threads"] == 2
+    assert cold == warm
+
+
+# ---------------------------------------------------------------- paired differences
+
+
+def _run_metrics(seed: int, kappa: float, good: float, reject: float) -> dict:
+    groups = {"good": {"kappa": good}, "usable": {"kappa": kappa}, "reject": {"kappa": reject}}
+    return {"seed": seed, "kappa": kappa, "per_quality": groups}
+
+
+def test_paired_differences_t_interval() -> None:
+    base = [_run_metrics(s, 0.5 + 0.1 * s, 0.6, 0.4) for s in range(4)]
+    meth = [_run_metrics(s, 0.5 + 0.1 * s + d, 0.65, 0.5 + d) for s, d in enumerate([0.02, 0.05, 0.01, 0.08])]
+    meth.append(_run_metrics(9, 0.9, 0.9, 0.9))  # no baseline for seed 9: not paired
+    out = paired_differences({"ce": base, "comcl": meth}, ["good", "usable", "reject"], [("comcl", "ce")])
+    entry = out["comcl - ce"]
+    assert entry["seeds"] == [0, 1, 2, 3]
+    d = [0.02, 0.05, 0.01, 0.08]
+    mean, sd = sum(d) / 4, stats.tstd(d)
+    half = stats.t.ppf(0.975, 3) * sd / math.sqrt(4)  # the textbook interval, from its formula
+    torch.testing.assert_close(
+        (entry["overall"]["mean"], entry["overall"]["low"], entry["overall"]["high"]),
+        (mean, mean - half, mean + half),
+    )
+    # drop good -> reject: the method's drop is smaller, so the difference is negative
+    drops = [(0.65 - (0.5 + x)) - (0.6 - 0.4) for x in d]
+    torch.testing.assert_close(entry["drop"]["per_repeat"], drops)
+    assert entry["drop"]["mean"] < 0
+    single = paired_differences({"ce": base[:1], "comcl": meth[:1]}, ["good", "usable", "reject"], [("comcl", "ce")])
+    assert math.isnan(single["comcl - ce"]["overall"]["low"])
+    assert "+0.040 [" in paired_table(out, ["good", "usable", "reject"])
+
+
+def test_comparison_pairs() -> None:
+    methods = ["ce", "simclr", "supcon", "comcl_no_spl", "comcl_no_quality", "comcl"]
+    pairs = comparison_pairs(methods)
+    assert pairs[:5] == [(m, "ce") for m in methods[1:]]
+    assert pairs[5:] == [("comcl", "simclr"), ("comcl", "supcon")]
