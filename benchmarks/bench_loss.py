@@ -15,6 +15,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -208,10 +209,30 @@ def _spawn(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+PEERS = {"pml_": "pytorch_metric_learning", "lightly_": "lightly"}  # method prefix -> module
+
+
+def peer_version(module: str) -> str | None:
+    """The installed version of a peer library, or None where it is not installed (e.g. a GPU image)."""
+    try:
+        return str(getattr(importlib.import_module(module), "__version__", "unknown"))
+    except ImportError:
+        return None
+
+
+def missing_peer(method: str) -> str | None:
+    """The peer module ``method`` needs and that is not installed, else None."""
+    module = next((m for prefix, m in PEERS.items() if method.startswith(prefix)), None)
+    return module if module is not None and peer_version(module) is None else None
+
+
 def run_case(
     method: str, n: int, device: str, repeats: int, cap_s: float, threads: int = 0, mem_cap_gib: float = 4.0
 ) -> dict[str, Any]:
     """Time in one fresh process (default allocator), peak memory in another (CPU: fixed glibc thresholds)."""
+    missing = missing_peer(method)
+    if missing is not None:
+        return {"status": f"not installed ({missing})"}
     timed = _spawn(method, n, device, repeats, cap_s, threads, mem_cap_gib, dict(os.environ))
     if timed["status"] != "ok" or device.startswith("cuda"):
         return timed
@@ -224,9 +245,7 @@ def run_case(
 
 
 def machine(device: str) -> dict[str, Any]:
-    import lightly
-    import pytorch_metric_learning
-
+    """CPU, versions (a peer that is missing: "not installed") and GPU of this run."""
     cpu = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -242,8 +261,7 @@ def machine(device: str) -> dict[str, Any]:
         "load_avg_at_start": os.getloadavg(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "pytorch_metric_learning": pytorch_metric_learning.__version__,
-        "lightly": lightly.__version__,
+        **{module: peer_version(module) or "not installed" for module in PEERS.values()},
         "device": device,
     }
     if device.startswith("cuda"):

@@ -352,3 +352,39 @@ def test_k_larger_than_index_capacity_raises() -> None:
 
     with pytest.raises(ValueError, match="capacity"):
         MultiLevelContrastiveLoss(comcl_levels(), index=HardNegativeIndex(dim=4, capacity=8, backend="torch"), k=9)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cpu_index_serves_cuda_embeddings(impl: str) -> None:
+    """A CPU index with CUDA embeddings (single process): the loss of the same batch on the CPU.
+
+    The index's rows move to the embeddings' device; gradients stay on CUDA, the index stays on
+    the CPU, and the CUDA keys are enqueued into it as the CPU keys are into the CPU index.
+    """
+    z, tags, index = _index_setup(n_bank=40, seed=5, with_label=False)
+    _, _, cpu_index = _index_setup(n_bank=40, seed=5, with_label=False)  # the same bank, for the CPU run
+    z = z.float()
+    levels = comcl_levels()
+    on_cpu = MultiLevelContrastiveLoss(levels, temperature=0.2, index=cpu_index, k=8, impl=impl)
+    z_cpu = z.clone().requires_grad_()
+    expected, expected_stats = on_cpu(z_cpu, tags, keys=2 * z)
+    expected.backward()
+
+    on_cuda = MultiLevelContrastiveLoss(levels, temperature=0.2, index=index, k=8, impl=impl)
+    z_cuda = z.cuda().requires_grad_()
+    before = len(index)
+    loss, stats = on_cuda(z_cuda, tags.to("cuda"), keys=2 * z_cuda.detach())
+    loss.backward()
+
+    assert loss.device.type == "cuda"
+    torch.testing.assert_close(loss.cpu(), expected.detach(), rtol=1e-5, atol=1e-5)
+    assert z_cuda.grad is not None
+    assert z_cuda.grad.device.type == "cuda"
+    torch.testing.assert_close(z_cuda.grad.cpu(), z_cpu.grad, rtol=1e-4, atol=1e-6)
+    for name, s in expected_stats.items():
+        assert int(stats[name].anchors) == int(s.anchors)
+    assert index.embeddings.device.type == "cpu"
+    assert len(index) == len(cpu_index) == before + len(tags)
+    torch.testing.assert_close(index.embeddings, cpu_index.embeddings, rtol=1e-6, atol=1e-6)
+    assert torch.equal(index.tags.source, cpu_index.tags.source)
