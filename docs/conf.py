@@ -171,6 +171,7 @@ _PUBLIC_NAMES = {
         "pytorch_metric_learning.losses.CrossBatchMemory"
     ),
     "pytorch_metric_learning.miners.base_miner.BaseMiner": "pytorch_metric_learning.miners.BaseMiner",
+    "BaseMiner": "pytorch_metric_learning.miners.BaseMiner",
     "pytorch_metric_learning.reducers.base_reducer.BaseReducer": "pytorch_metric_learning.reducers.BaseReducer",
 }
 

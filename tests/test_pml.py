@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import copy
-import dataclasses
+import warnings
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pytorch_metric_learning.distances import LpDistance
-from pytorch_metric_learning.losses import CrossBatchMemory, NTXentLoss, SupConLoss
-from pytorch_metric_learning.reducers import (
-    AvgNonZeroReducer,
-    DoNothingReducer,
-    MeanReducer,
-    SumReducer,
-)
+from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
+from pytorch_metric_learning.losses import CrossBatchMemory, NTXentLoss
+from pytorch_metric_learning.miners import MultiSimilarityMiner, PairMarginMiner, TripletMarginMiner
+from pytorch_metric_learning.reducers import DoNothingReducer
 
 from mlcl_losses.functional import multilevel_info_nce
 from mlcl_losses.levels import Level, bank_negative_mask, comcl_levels, level_masks
@@ -24,9 +19,7 @@ from mlcl_losses.pml import (
     MultiLevelCrossBatchMemory,
     MultiLevelInfoNCELoss,
     MultiLevelMiner,
-    SelfPacedReducer,
 )
-from mlcl_losses.self_paced import PaceSchedule, SelfPacedWeighting
 from mlcl_losses.tags import ViewTags
 from test_levels import random_levels, random_tags
 
@@ -90,32 +83,6 @@ def test_adapter_default_levels_are_comcl(device: torch.device) -> None:
     torch.testing.assert_close(loss_fn(z, tags.pack()), expected, **TOL64)
 
 
-def _per_level_elements(z: torch.Tensor, tags: ViewTags, levels: list[Level]) -> list[torch.Tensor]:
-    none, stats = multilevel_info_nce(z, tags, levels, 0.1, reduction="none")
-    return [row[stats[lv.name].valid] for row, lv in zip(none, levels, strict=True)]
-
-
-@pytest.mark.parametrize(
-    ("reducer", "reduce"),
-    [
-        pytest.param(MeanReducer(), lambda x: x.mean(), id="mean"),
-        pytest.param(SumReducer(), lambda x: x.sum(), id="sum"),
-        pytest.param(
-            AvgNonZeroReducer(), lambda x: x[x > 0].mean() if bool((x > 0).any()) else x.sum() * 0, id="avg-nonzero"
-        ),
-    ],
-)
-@pytest.mark.parametrize("n_levels", [1, 3], ids=["one-level", "three-levels"])
-def test_adapter_with_pml_reducers(reducer: object, reduce: object, n_levels: int, device: torch.device) -> None:
-    tags = four_views(device)
-    levels = [Level.instance()] if n_levels == 1 else comcl_levels(1.0, 0.5, 2.0)
-    z = randn((10, 8), 2, device).requires_grad_(True)
-    loss = MultiLevelInfoNCELoss(levels, temperature=0.1, reducer=reducer)(z, tags.pack())
-    expected = sum(reduce(x) for x in _per_level_elements(z, tags, levels))  # type: ignore[operator]
-    torch.testing.assert_close(loss, expected, **TOL64)
-    torch.testing.assert_close(grads(loss, z), grads(expected, z), **TOL64)
-
-
 def test_adapter_do_nothing_reducer_exposes_elements(device: torch.device) -> None:
     tags = four_views(device)
     z = randn((10, 8), 3, device)
@@ -162,28 +129,16 @@ def test_adapter_triplets_become_pairs(device: torch.device) -> None:
     tags = four_views(device)
     z = randn((10, 8), 6, device)
     a, p, n = torch.tensor([0, 0, 5]), torch.tensor([1, 1, 6]), torch.tensor([8, 9, 3])
-    loss = MultiLevelInfoNCELoss(comcl_levels())(z, tags.pack(), indices_tuple=(a, p, n))
+    with pytest.warns(UserWarning, match="without any anchor-positive-negative pair"):
+        loss = MultiLevelInfoNCELoss(comcl_levels())(z, tags.pack(), indices_tuple=(a, p, n))
     pos = torch.zeros(10, 10, dtype=torch.bool, device=device)
     neg = torch.zeros(10, 10, dtype=torch.bool, device=device)
     pos[a, p] = True
     neg[a, n] = True
     expected, _ = multilevel_info_nce(z, tags, comcl_levels(), 0.1, pair_mask=(pos, neg), impl="reference")
     torch.testing.assert_close(loss, expected, **TOL64)
-    with pytest.raises(ValueError, match="`indices_tuple`"):
+    with pytest.raises(ValueError, match="`indices_tuple` of length 3.*got length 2"):
         MultiLevelInfoNCELoss(comcl_levels())(z, tags.pack(), indices_tuple=(a, p))
-
-
-def test_adapter_reference_set_supplies_negatives(device: torch.device) -> None:
-    tags = four_views(device)
-    ref_tags = four_views(device, offset=10)
-    z = randn((10, 8), 7, device).requires_grad_(True)
-    ref = randn((10, 8), 8, device)
-    levels = comcl_levels()
-    loss = MultiLevelInfoNCELoss(levels)(z, tags.pack(), ref_emb=ref, ref_labels=ref_tags.pack())
-    bank_levels = [dataclasses.replace(lv, in_batch_negatives=False) for lv in levels]
-    expected, _ = multilevel_info_nce(z, tags, bank_levels, 0.1, bank=(ref, ref_tags))
-    torch.testing.assert_close(loss, expected, **TOL64)
-    torch.testing.assert_close(grads(loss, z), grads(expected, z), **TOL64)
 
 
 @pytest.mark.parametrize(
@@ -191,7 +146,8 @@ def test_adapter_reference_set_supplies_negatives(device: torch.device) -> None:
     [
         pytest.param({"temperature": 0.0}, ValueError, "`temperature`", id="temperature-0"),
         pytest.param({"temperature": -1.0}, ValueError, "`temperature`", id="temperature-neg"),
-        pytest.param({"distance": LpDistance()}, ValueError, "cosine similarity", id="distance"),
+        pytest.param({"distance": LpDistance()}, ValueError, "`distance`.*default CosineSimilarity", id="distance"),
+        pytest.param({"distance": CosineSimilarity(power=2)}, ValueError, "`distance`.*power=2", id="cosine-power-2"),
         pytest.param({"levels": []}, ValueError, "`levels`", id="no-levels"),
         pytest.param({"levels": ["lesion"]}, TypeError, "`levels`", id="not-a-level"),
         pytest.param({"levels": [Level.instance(), Level.instance()]}, ValueError, "unique level names", id="dup"),
@@ -218,6 +174,72 @@ def test_adapter_rejects_bad_calls(device: torch.device) -> None:
         MultiLevelInfoNCELoss([Level.supervised()])(z, no_label.pack())
 
 
+@pytest.mark.parametrize(
+    ("indices", "error", "match"),
+    [
+        pytest.param(([-1], [1], [0], [3]), ValueError, r"`indices_tuple` a1 in \[0, 9\].*got -1", id="a1=-1"),
+        pytest.param(([0], [99], [0], [3]), ValueError, r"`indices_tuple` p in \[0, 9\].*got 99", id="p=99"),
+        pytest.param(([0], [1], [0], [-1]), ValueError, r"`indices_tuple` n in \[0, 9\].*got -1", id="n=-1"),
+        pytest.param(([0], [1], [10]), ValueError, r"`indices_tuple` negatives n in \[0, 9\].*got 10", id="triplet"),
+        pytest.param(([0, 1], [1], [0], [3]), ValueError, r"`indices_tuple` a1, p of one length", id="lengths"),
+        pytest.param(([0.0], [1.0], [0.0], [3.0]), TypeError, "`indices_tuple` a1 to be an integer tensor", id="float"),
+        pytest.param("pairs", TypeError, "`indices_tuple` to be a tuple", id="not-a-tuple"),
+    ],
+)
+def test_adapter_validates_indices_tuple(indices: object, error: type[Exception], match: str) -> None:
+    """Issue 18: -1 used to wrap to the last row and 99 gave an IndexError naming nothing."""
+    tags = four_views(torch.device("cpu"))
+    z = randn((10, 8), 30, torch.device("cpu"))
+    as_tensors = indices if isinstance(indices, str) else tuple(torch.tensor(x) for x in indices)  # type: ignore[union-attr]
+    with pytest.raises(error, match=match):
+        MultiLevelInfoNCELoss(comcl_levels())(z, tags.pack(), indices_tuple=as_tensors)
+
+
+def test_adapter_validates_indices_into_the_reference_set() -> None:
+    tags = four_views(torch.device("cpu"))
+    z, ref = randn((10, 8), 31, torch.device("cpu")), randn((4, 8), 32, torch.device("cpu"))
+    pairs = (torch.tensor([0]), torch.tensor([4]), torch.tensor([0]), torch.tensor([3]))
+    with pytest.raises(ValueError, match=r"`indices_tuple` p in \[0, 3\] \(rows of `ref_emb`\), but got 4"):
+        MultiLevelInfoNCELoss(comcl_levels())(z, tags.pack(), pairs, ref, tags[:4].pack())
+    with pytest.raises(ValueError, match=r"`ref_emb` of shape \(M, 8\)"):
+        MultiLevelInfoNCELoss(comcl_levels())(z, tags.pack(), None, ref[:, :5], tags[:4].pack())
+
+
+@pytest.mark.parametrize(
+    "miner",
+    [
+        pytest.param(PairMarginMiner(pos_margin=0.2, neg_margin=0.8), id="PairMarginMiner"),
+        pytest.param(TripletMarginMiner(margin=0.2), id="TripletMarginMiner"),
+        pytest.param(MultiSimilarityMiner(), id="MultiSimilarityMiner"),
+    ],
+)
+def test_pml_miner_pairs_that_starve_a_level_are_warned_once(miner: object) -> None:
+    """Item 3: PML miners pair equal packed labels only, so cross-view levels get no pair."""
+    tags = ViewTags.cat([four_views(torch.device("cpu"), offset=4 * b) for b in range(2)])
+    z = randn((20, 8), 33, torch.device("cpu"))
+    loss_fn = MultiLevelInfoNCELoss(comcl_levels())
+    with pytest.warns(UserWarning, match="without any anchor-positive-negative pair") as record:
+        loss_fn(z, tags.pack(), miner(z, tags.pack()))  # type: ignore[operator]
+    starved = [str(w.message).split("'")[1] for w in record if "without any" in str(w.message)]
+    assert {"healthy", "quality"} <= set(starved)  # the lesion level too if the miner found no hard lesion pair
+    assert len(starved) == len(set(starved))
+    assert all("MultiLevelMiner" in str(w.message) for w in record)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss_fn(z, tags.pack(), miner(z, tags.pack()))  # type: ignore[operator]  # once per level
+        MultiLevelInfoNCELoss(comcl_levels())(z, tags.pack(), MultiLevelMiner(comcl_levels())(z, tags.pack()))
+
+
+def test_no_warning_when_a_level_has_no_pair_anyway() -> None:
+    tags = four_views(torch.device("cpu"))
+    lesion_only = tags[tags.kind == 1]  # no healthy patch: no negatives for any level
+    z = randn((len(lesion_only), 8), 34, torch.device("cpu"))
+    pairs = (torch.tensor([0]), torch.tensor([1]), torch.tensor([0]), torch.tensor([2]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(MultiLevelInfoNCELoss(comcl_levels())(z, lesion_only.pack(), pairs)) == 0.0
+
+
 # --------------------------------------------------------------------------- cross-batch memory
 
 
@@ -226,18 +248,6 @@ def test_plain_cross_batch_memory_refuses_our_loss() -> None:
         CrossBatchMemory(MultiLevelInfoNCELoss(), embedding_size=8)
     assert "MultiLevelInfoNCELoss" in MultiLevelCrossBatchMemory.supported_losses()
     assert set(CrossBatchMemory.supported_losses()) < set(MultiLevelCrossBatchMemory.supported_losses())
-
-
-def test_cross_batch_memory_first_batch_is_bank_of_itself(device: torch.device) -> None:
-    tags = four_views(device)
-    levels = comcl_levels()
-    z = randn((10, 8), 10, device).requires_grad_(True)
-    memory = MultiLevelCrossBatchMemory(MultiLevelInfoNCELoss(levels), embedding_size=8, memory_size=25).to(device)
-    loss = memory(z, tags.pack())
-    bank_levels = [dataclasses.replace(lv, in_batch_negatives=False) for lv in levels]
-    expected, _ = multilevel_info_nce(z, tags, bank_levels, 0.1, bank=(z.detach(), tags))
-    torch.testing.assert_close(loss, expected, **TOL64)
-    torch.testing.assert_close(grads(loss, z), grads(expected, z), **TOL64)
 
 
 def test_cross_batch_memory_trains(device: torch.device) -> None:
@@ -358,59 +368,3 @@ def test_miner_inside_cross_batch_memory_with_ntxent(device: torch.device) -> No
     for step in range(2):
         loss = memory(torch.randn(10, 8, device=device), four_views(device, offset=10 * step).pack())
         assert torch.isfinite(loss)
-
-
-# --------------------------------------------------------------------------- SelfPacedReducer
-
-
-def anchor_spl(lam: float | PaceSchedule = 1.0, regularizer: str = "linear") -> SelfPacedWeighting:
-    schedule = lam if isinstance(lam, PaceSchedule) else PaceSchedule.constant(lam)
-    return SelfPacedWeighting(regularizer, schedule, target="anchors")  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("regularizer", ["hard", "linear"])
-def test_self_paced_reducer_with_pml_supcon(regularizer: str, device: torch.device) -> None:
-    tags = four_views(device)
-    z = randn((10, 8), 14, device).requires_grad_(True)
-    spl = anchor_spl(3.0, regularizer)
-    loss = SupConLoss(temperature=0.1, reducer=SelfPacedReducer(spl))(z, tags.label)
-    elements = SupConLoss(temperature=0.1, reducer=DoNothingReducer())(z, tags.label)["loss"]["losses"]
-    v = spl(elements.detach())
-    expected = (v * elements).mean()
-    assert 0 < int((v > 0).sum()) <= 10
-    torch.testing.assert_close(loss, expected, **TOL64)
-    torch.testing.assert_close(grads(loss, z), grads(expected, z), **TOL64)
-
-
-def test_self_paced_reducer_with_pair_loss_and_our_loss(device: torch.device) -> None:
-    tags = four_views(device)
-    z = randn((10, 8), 15, device).requires_grad_(True)
-    spl = anchor_spl(8.0)
-    ntxent = NTXentLoss(temperature=0.2, reducer=SelfPacedReducer(spl))(z, tags.source)
-    pairs = NTXentLoss(temperature=0.2, reducer=DoNothingReducer())(z, tags.source)["loss"]["losses"]
-    torch.testing.assert_close(ntxent, (spl(pairs.detach()) * pairs).mean(), **TOL64)
-    levels = comcl_levels()
-    ours = MultiLevelInfoNCELoss(levels, reducer=SelfPacedReducer(spl))(z, tags.pack())
-    expected = sum((spl(x.detach()) * x).mean() for x in _per_level_elements(z, tags, levels))
-    torch.testing.assert_close(ours, expected, **TOL64)
-
-
-def test_self_paced_reducer_follows_the_callers_pace(device: torch.device) -> None:
-    """PML deep-copies reducers; the copy must still follow the weighting the caller steps."""
-    tags = four_views(device)
-    z = randn((10, 8), 16, device)
-    spl = anchor_spl(PaceSchedule.linear(start=0.01, end=100.0, steps=1), "hard")
-    loss_fn = SupConLoss(temperature=0.1, reducer=SelfPacedReducer(spl))
-    assert loss_fn(z, tags.label).item() == 0.0  # lambda 0.01: every anchor is too hard
-    spl.step()
-    full = SupConLoss(temperature=0.1, reducer=MeanReducer())(z, tags.label)
-    torch.testing.assert_close(loss_fn(z, tags.label), full, **TOL64)  # lambda 100: all admitted
-    clone = copy.deepcopy(loss_fn)
-    assert clone.reducer.weighting is spl
-
-
-def test_self_paced_reducer_rejects_negative_weighting() -> None:
-    with pytest.raises(ValueError, match="`weighting`.*anchors"):
-        SelfPacedReducer(SelfPacedWeighting("linear", target="negatives"))
-    with pytest.raises(ValueError, match="`weighting`"):
-        SelfPacedReducer("linear")  # type: ignore[arg-type]

@@ -6,19 +6,37 @@ PML passes one integer label per embedding; here that label is the packed
     loss_fn = MultiLevelInfoNCELoss(comcl_levels(), temperature=0.1)
     loss = loss_fn(embeddings, tags.pack())
 
-Conventions that differ from plain PML losses, because positives are defined by the tags:
+Conventions (PML's, with positives and negatives defined by the levels):
 
+* without a reference set, every embedding is an anchor and its positives and negatives
+  come from the batch, as in :func:`~mlcl_losses.functional.multilevel_info_nce`;
 * with ``ref_emb``/``ref_labels`` (also inside :class:`MultiLevelCrossBatchMemory`), the
-  reference set supplies the *negatives* (like a memory bank) and positives still come
-  from the batch;
-* ``indices_tuple`` restricts the pairs: ``(a1, p)`` the in-batch positives and
-  ``(a2, n)`` the negatives (indices into the reference set when one is given). A triplet
-  tuple ``(a, p, n)`` is converted to pairs.
+  anchors are the batch and *both* positives and negatives are reference entries: a
+  reference entry is a positive of an anchor when the level relates them (same source or
+  label, positive selector) and a negative under the level's bank rules
+  (``bank_negatives``). The reference set may hold the anchor itself (a memory does):
+  the cross-batch memory removes those self-pairs, a direct caller must not pass them;
+  views given only in ``ref_emb`` are positives but never anchors (concatenate them to
+  ``embeddings`` to make them anchors too);
+* ``indices_tuple`` restricts the pairs: ``(a1, p)`` the positives and ``(a2, n)`` the
+  negatives, ``p``/``n`` indexing the reference set when one is given (PML's convention).
+  A triplet tuple ``(a, p, n)`` becomes the pairs ``(a, p)`` and ``(a, n)``. PML's miners
+  pair only equal packed labels (same kind, quality and source), so cross-view levels
+  (quality, healthy) get no pairs from them: mine those with :class:`MultiLevelMiner`
+  (a warning names each level left without any pair);
+* the loss is float32 for float16/bfloat16 input (float64 for float64), whatever the
+  reducer, as :func:`~mlcl_losses.functional.multilevel_info_nce` returns it.
+
+Under PML's ``DistributedLossWrapper`` the packed labels of all ranks are compared, so
+``source`` and ``image`` ids must be unique across ranks: if a pipeline numbers them per
+rank, apply :func:`~mlcl_losses.distributed.offset_ids_by_rank` before packing (the loss
+cannot see ranks; rank-local ids give a wrong loss without an error).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,8 +47,17 @@ from pytorch_metric_learning.miners import BaseMiner
 from pytorch_metric_learning.reducers import BaseReducer
 from torch import Tensor
 
+from mlcl_losses._pml_support import (
+    Pairs,
+    check_indices_tuple,
+    check_reducer,
+    common_optional_tags,
+    level_pair_masks,
+    pairs_to_mask,
+    unpack_labels,
+)
 from mlcl_losses.functional import Denominator, multilevel_info_nce
-from mlcl_losses.levels import Level, bank_negative_mask, comcl_levels, level_masks, validate_levels
+from mlcl_losses.levels import Level, comcl_levels, validate_levels
 from mlcl_losses.self_paced import SelfPacedWeighting
 from mlcl_losses.tags import ViewTags
 
@@ -42,41 +69,33 @@ __all__ = [
 ]
 
 IndicesTuple = tuple[Tensor, ...]
-
-
-def _pairs(indices_tuple: IndicesTuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if len(indices_tuple) == 4:
-        a1, p, a2, n = indices_tuple
-        return a1, p, a2, n
-    if len(indices_tuple) == 3:
-        a, p, n = indices_tuple
-        return a, p, a, n
-    raise ValueError(
-        f"Expected `indices_tuple` of length 3 (a, p, n) or 4 (a1, p, a2, n), but got {len(indices_tuple)}"
-    )
-
-
-def _pair_mask(rows: Tensor, cols: Tensor, shape: tuple[int, int], device: torch.device) -> Tensor:
-    mask = torch.zeros(shape, dtype=torch.bool, device=device)
-    mask[rows.long().to(device), cols.long().to(device)] = True
-    return mask
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class MultiLevelInfoNCELoss(BaseMetricLossFunction):
     """The multi-level InfoNCE loss as a PML ``BaseMetricLossFunction``.
 
     Called as PML losses are: ``loss_fn(embeddings, labels, indices_tuple=None, ref_emb=None,
-    ref_labels=None)`` with ``labels = tags.pack()``. Each level is a sub-loss of
+    ref_labels=None)`` with ``labels = tags.pack()`` (see the module docstring for the
+    conventions with a reference set and with ``indices_tuple``). Each level is a sub-loss of
     per-anchor ``"element"`` losses (already multiplied by the level weight), so any PML
     reducer applies; the default (mean per level, summed over levels) equals
     :func:`~mlcl_losses.functional.multilevel_info_nce`.
+
+    With a reference set of ``M`` entries the loss is computed on the dense path over the
+    ``N + M`` rows (memory ``O((N + M)^2)`` per level).
 
     Args:
         levels: the levels; default :func:`~mlcl_losses.levels.comcl_levels`.
         temperature: > 0.
         denominator: ``"pos_neg"`` or ``"all"``.
         **kwargs: passed to ``BaseMetricLossFunction`` (``reducer``, ``embedding_regularizer``...).
-            A ``distance`` other than cosine similarity is refused.
+            Only the default ``CosineSimilarity()`` is accepted as ``distance``.
+
+    Raises:
+        ValueError: an option out of range, a non-default ``distance``; at call time,
+            ``labels`` not packed tags, ``indices_tuple`` indices out of range.
+        TypeError: ``indices_tuple`` of non-integer tensors.
 
     Examples:
         >>> from mlcl_losses import Level, ViewTags
@@ -100,13 +119,22 @@ class MultiLevelInfoNCELoss(BaseMetricLossFunction):
         if len(names) > 1 and any(not name or "." in name for name in names):  # they key PML's reducer dict
             raise ValueError(f"Expected level names non-empty and without '.', but got {names}")
         super().__init__(**kwargs)
-        if not isinstance(self.distance, CosineSimilarity):
-            raise ValueError(f"MultiLevelInfoNCELoss uses cosine similarity, but got distance={self.distance}")
+        default = CosineSimilarity()
+        if type(self.distance) is not CosineSimilarity or any(
+            getattr(self.distance, key) != getattr(default, key) for key in ("power", "normalize_embeddings", "p")
+        ):
+            raise ValueError(
+                "Expected `distance` to be the default CosineSimilarity() (the loss uses cosine similarity "
+                f"itself), but got {self.distance}"
+                f"{'' if type(self.distance) is not CosineSimilarity else f' with power={self.distance.power}'}"
+            )
+        check_reducer(self.reducer)
         if not (temperature > 0):
             raise ValueError(f"Expected `temperature` > 0, but got {temperature}")
         self.temperature = float(temperature)
         self.denominator: Denominator = denominator
         self.add_to_recordable_attributes(list_of_names=["temperature"], is_stat=False)
+        self._warned_levels: set[str] = set()
 
     def _sub_loss_names(self) -> list[str]:
         return [level.name for level in self.levels]
@@ -114,6 +142,24 @@ class MultiLevelInfoNCELoss(BaseMetricLossFunction):
     def get_default_distance(self) -> Any:
         """Cosine similarity, the only distance this loss uses."""
         return CosineSimilarity()
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor | None = None,
+        indices_tuple: IndicesTuple | None = None,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> Tensor:
+        """PML's forward; float16/bfloat16 embeddings are computed and reduced in float32."""
+        if isinstance(embeddings, Tensor) and embeddings.dtype in _HALF:
+            same = ref_emb is embeddings
+            embeddings = embeddings.float()
+            if same:
+                ref_emb = embeddings
+            elif isinstance(ref_emb, Tensor):
+                ref_emb = ref_emb.float()
+        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(
         self,
@@ -123,48 +169,117 @@ class MultiLevelInfoNCELoss(BaseMetricLossFunction):
         ref_emb: Tensor,
         ref_labels: Tensor | None,
     ) -> dict[str, dict[str, Any]]:
-        """Per-level element losses for PML's reducers."""
+        """Per-level element losses for PML's reducers (only anchors with a positive and a negative)."""
         if labels is None:
             raise ValueError("MultiLevelInfoNCELoss needs `labels` (packed ViewTags), but got None")
-        tags = ViewTags.unpack(labels)
-        has_ref = ref_emb is not embeddings
+        tags = unpack_labels(labels, "labels").to(embeddings.device)
         n = embeddings.shape[0]
-        levels = self.levels
-        bank = None
-        n_cols = n
-        if has_ref:
+        if len(tags) != n:
+            raise ValueError(f"`embeddings` and `labels` must have the same length, got {n} and {len(tags)}")
+        if ref_emb is embeddings:
+            pairs = None if indices_tuple is None else check_indices_tuple(indices_tuple, n, None)
+            losses, valid = self._in_batch(embeddings, tags, pairs)
+            candidate_tags: tuple[ViewTags, ViewTags | None] = (tags, None)
+        else:
             if ref_labels is None:
-                raise ValueError("`ref_emb` needs `ref_labels` (packed ViewTags)")
-            bank = (ref_emb, ViewTags.unpack(ref_labels).to(embeddings.device))
-            levels = [dataclasses.replace(level, in_batch_negatives=False) for level in levels]
-            n_cols = n + ref_emb.shape[0]
-        pair_mask = None
-        if indices_tuple is not None:
-            a1, p, a2, neg = _pairs(indices_tuple)
-            device = embeddings.device
-            pos_mask = None if has_ref else _pair_mask(a1, p, (n, n), device)
-            offset = n if has_ref else 0
-            neg_mask = _pair_mask(a2, neg + offset, (n, n_cols), device)
-            pair_mask = (pos_mask, neg_mask)
-        losses, stats = multilevel_info_nce(
-            embeddings,
-            tags.to(embeddings.device),
-            levels,
-            temperature=self.temperature,
-            denominator=self.denominator,
-            bank=bank,
-            pair_mask=pair_mask,
-            reduction="none",
-        )
+                raise ValueError("`ref_emb` needs `ref_labels` (packed ViewTags), but got None")
+            if not isinstance(ref_emb, Tensor) or ref_emb.dim() != 2 or ref_emb.shape[1:] != embeddings.shape[1:]:
+                got = tuple(ref_emb.shape) if isinstance(ref_emb, Tensor) else type(ref_emb).__name__
+                raise ValueError(
+                    f"Expected `ref_emb` of shape (M, {embeddings.shape[1]}) (as `embeddings`), but got {got}"
+                )
+            ref_tags = unpack_labels(ref_labels, "ref_labels").to(embeddings.device)
+            if len(ref_tags) != ref_emb.shape[0]:
+                raise ValueError(
+                    f"`ref_emb` and `ref_labels` must have the same length, got {ref_emb.shape[0]} and {len(ref_tags)}"
+                )
+            candidate_tags = common_optional_tags(tags, ref_tags, self.levels)
+            pairs = None if indices_tuple is None else check_indices_tuple(indices_tuple, n, ref_emb.shape[0])
+            losses, valid = self._with_reference(embeddings, ref_emb, *candidate_tags, pairs)
+        if pairs is not None:
+            self._warn_levels_without_pairs(*candidate_tags, valid)
         out: dict[str, dict[str, Any]] = {}
-        for row, level in zip(losses, levels, strict=True):
-            valid = stats[level.name].valid
-            if bool(valid.any()):
-                idx = valid.nonzero()[:, 0]
+        for row, ok, level in zip(losses, valid, self.levels, strict=True):
+            if bool(ok.any()):
+                idx = ok.nonzero()[:, 0]
                 out[level.name] = {"losses": row[idx], "indices": idx, "reduction_type": "element"}
             else:
                 out[level.name] = self.zero_loss()
         return out
+
+    def _in_batch(self, embeddings: Tensor, tags: ViewTags, pairs: Pairs | None) -> tuple[Tensor, list[Tensor]]:
+        """``(L, N)`` per-anchor losses and per-level valid anchors, pairs from the batch."""
+        n = embeddings.shape[0]
+        pair_mask = None
+        if pairs is not None:
+            a1, p, a2, neg = pairs
+            device = embeddings.device
+            pair_mask = (pairs_to_mask(a1, p, (n, n), device), pairs_to_mask(a2, neg, (n, n), device))
+        losses, stats = multilevel_info_nce(
+            embeddings,
+            tags,
+            self.levels,
+            temperature=self.temperature,
+            denominator=self.denominator,
+            pair_mask=pair_mask,
+            reduction="none",
+        )
+        return losses, [stats[level.name].valid for level in self.levels]
+
+    def _with_reference(
+        self,
+        embeddings: Tensor,
+        ref_emb: Tensor,
+        tags: ViewTags,
+        ref_tags: ViewTags,
+        pairs: Pairs | None,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Anchors from the batch, positives and negatives from the reference set.
+
+        The batch and the reference set are put side by side (``N + M`` rows); only the
+        ``(batch row, reference column)`` block takes part, and the reference columns follow
+        the level's bank rules (``in_batch_negatives`` is replaced by ``bank_negatives``).
+        """
+        n, m, device = embeddings.shape[0], ref_emb.shape[0], embeddings.device
+        joint = torch.cat([embeddings, ref_emb.to(device=device, dtype=embeddings.dtype)])  # (N + M, D)
+        block = (slice(0, n), slice(n, n + m))
+        pos = torch.zeros(n + m, n + m, dtype=torch.bool, device=device)
+        neg = torch.zeros_like(pos)
+        if pairs is None:
+            pos[block] = True
+            neg[block] = True
+        else:
+            a1, p, a2, ng = pairs
+            pos[block] = pairs_to_mask(a1, p, (n, m), device)
+            neg[block] = pairs_to_mask(a2, ng, (n, m), device)
+        levels = [dataclasses.replace(level, in_batch_negatives=level.bank_negatives) for level in self.levels]
+        losses, stats = multilevel_info_nce(
+            joint,
+            ViewTags.cat([tags, ref_tags]),
+            levels,
+            temperature=self.temperature,
+            denominator=self.denominator,
+            pair_mask=(pos, neg),
+            reduction="none",
+        )
+        return losses[:, :n], [stats[level.name].valid[:n] for level in levels]
+
+    def _warn_levels_without_pairs(self, tags: ViewTags, ref_tags: ViewTags | None, valid: list[Tensor]) -> None:
+        """Warn once per level when ``indices_tuple`` took away every pair a level had."""
+        for level, ok in zip(self.levels, valid, strict=True):
+            if level.name in self._warned_levels or bool(ok.any()):
+                continue
+            pos, neg = level_pair_masks(tags, ref_tags, level)
+            if not bool((pos.any(dim=1) & neg.any(dim=1)).any()):
+                continue  # the level has no pair in this batch anyway
+            self._warned_levels.add(level.name)
+            warnings.warn(
+                f"`indices_tuple` leaves level {level.name!r} without any anchor-positive-negative pair, so it "
+                "adds 0. PML miners pair only equal packed labels (same kind, quality and source): mine the "
+                "pairs of cross-view levels with mlcl_losses.pml.MultiLevelMiner. (Warned once per level.)",
+                UserWarning,
+                stacklevel=2,
+            )
 
 
 class MultiLevelMiner(BaseMiner):
@@ -203,23 +318,13 @@ class MultiLevelMiner(BaseMiner):
                 a reference entry is a positive when related to the anchor (same source or label)
                 and passes the positive selector, a negative under the bank rules.
         """
-        tags = ViewTags.unpack(labels)
+        tags = unpack_labels(labels, "labels")
+        ref = None if ref_labels is None else unpack_labels(ref_labels, "ref_labels").to(tags.device)
         out: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
-        if ref_labels is None:
-            for lv, masks in zip(self.levels, level_masks(tags, self.levels), strict=True):
-                a1, p = masks.positives.nonzero(as_tuple=True)
-                a2, n = masks.negatives.nonzero(as_tuple=True)
-                out[lv.name] = (a1, p, a2, n)
-            return out
-        ref = ViewTags.unpack(ref_labels).to(tags.device)
         for lv in validate_levels(self.levels, tags):
-            key = tags.source if lv.relation == "source" else tags.label
-            ref_key = ref.source if lv.relation == "source" else ref.label
-            if key is None or ref_key is None:
-                raise ValueError(f"Level {lv.name!r} pairs by label, but the tags carry no label")
-            pos = lv.anchors(tags)[:, None] & (key[:, None] == ref_key[None, :]) & lv.positives(ref)[None, :]
+            pos, neg = level_pair_masks(tags, ref, lv)
             a1, p = pos.nonzero(as_tuple=True)
-            a2, n = bank_negative_mask(tags, ref, lv).nonzero(as_tuple=True)
+            a2, n = neg.nonzero(as_tuple=True)
             out[lv.name] = (a1, p, a2, n)
         return out
 
@@ -240,10 +345,30 @@ class MultiLevelMiner(BaseMiner):
 class MultiLevelCrossBatchMemory(CrossBatchMemory):
     """PML's ``CrossBatchMemory`` that also accepts :class:`MultiLevelInfoNCELoss`.
 
-    PML checks wrapped losses by class name; this subclass adds ours. Use globally unique
-    ``source`` (and ``image``) ids across batches: the memory keeps old batches, and entries
-    that share the anchor's source are never its negatives.
+    PML checks wrapped losses by class name; this subclass adds ours. The batch's anchors
+    take their positives and negatives from the memory (which holds the current batch too;
+    self-pairs are removed), as PML's losses do. Without a ``miner``, PML pairs only equal
+    labels; here the memory then mines every level's pairs with :class:`MultiLevelMiner`, so
+    ``MultiLevelCrossBatchMemory(loss, ...)`` with the memory equal to the batch is ``loss``.
+
+    Use globally unique ``source`` (and ``image``) ids across batches: the memory keeps old
+    batches, and entries that share the anchor's source are its positives, never its
+    negatives. Every batch must carry the same optional tags (``label``, ``image``).
+
+    Args:
+        loss: the wrapped loss (ours or one of PML's supported losses).
+        embedding_size: ``D``.
+        memory_size: entries kept.
+        miner: a PML miner; default :class:`MultiLevelMiner` of the loss's levels for our loss.
+        **kwargs: passed to ``CrossBatchMemory``.
     """
+
+    def __init__(
+        self, loss: Any, embedding_size: int, memory_size: int = 1024, miner: BaseMiner | None = None, **kwargs: Any
+    ) -> None:
+        if miner is None and isinstance(loss, MultiLevelInfoNCELoss):
+            miner = MultiLevelMiner(loss.levels)
+        super().__init__(loss, embedding_size, memory_size=memory_size, miner=miner, **kwargs)
 
     @staticmethod
     def supported_losses() -> list[str]:
@@ -251,15 +376,27 @@ class MultiLevelCrossBatchMemory(CrossBatchMemory):
         return [*CrossBatchMemory.supported_losses(), "MultiLevelInfoNCELoss"]
 
 
+_REDUCTION_TYPES = ("element", "pos_pair", "neg_pair", "triplet")
+
+
 class SelfPacedReducer(BaseReducer):
     """A PML reducer that weights per-element losses with self-paced weights, then averages.
 
     Gives PML users self-paced learning without this library's loss: the weights come
     from a :class:`~mlcl_losses.self_paced.SelfPacedWeighting` with ``target="anchors"``
-    applied to the detached element losses; the result is ``mean(v * loss)``.
+    applied to the detached losses; the result is ``mean(v * loss)``, which is PML's
+    ``MeanReducer`` when every weight is 1. Every shape PML's reducers take is handled:
+    ``"element"``, ``"pos_pair"``, ``"neg_pair"`` and ``"triplet"`` losses of shape ``(P,)``
+    or ``(P, 1)`` (e.g. ``MultiSimilarityLoss``, ``CircleLoss``, ``LiftedStructureLoss``) are
+    weighted entry by entry; ``"already_reduced"`` losses pass through unweighted (there is
+    nothing to weight).
 
     Args:
         weighting: the self-paced weighting (``target="anchors"``).
+
+    Raises:
+        ValueError: ``weighting`` of the wrong target; at call time, losses with NaN.
+        TypeError: ``weighting`` not a ``SelfPacedWeighting``.
 
     Examples:
         >>> from mlcl_losses.self_paced import PaceSchedule
@@ -270,26 +407,43 @@ class SelfPacedReducer(BaseReducer):
 
     def __init__(self, weighting: SelfPacedWeighting, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if not isinstance(weighting, SelfPacedWeighting) or weighting.target != "anchors":
-            raise ValueError("Expected `weighting` to be a SelfPacedWeighting with target='anchors'")
+        if not isinstance(weighting, SelfPacedWeighting):
+            raise TypeError(
+                "Expected `weighting` to be a SelfPacedWeighting with target='anchors', "
+                f"but got {type(weighting).__name__}"
+            )
+        if weighting.target != "anchors":
+            raise ValueError(
+                f"Expected `weighting` with target='anchors' (it weights losses), but got target={weighting.target!r}"
+            )
         self.weighting = weighting
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SelfPacedReducer:
         """PML deep-copies reducers; the copy shares the weighting, so ``weighting.step()`` reaches it."""
         return SelfPacedReducer(self.weighting)
 
+    def _weighted_mean(self, losses: Tensor, reduction_type: str) -> Tensor:
+        if not isinstance(losses, Tensor) or not losses.dtype.is_floating_point:
+            got = f"a {losses.dtype} tensor" if isinstance(losses, Tensor) else type(losses).__name__
+            raise TypeError(f"SelfPacedReducer expected {reduction_type!r} losses as a float tensor, but got {got}")
+        detached = losses.detach()
+        if bool(torch.isnan(detached).any()):
+            raise ValueError(f"SelfPacedReducer got {reduction_type!r} losses containing NaN (from the loss function)")
+        weights = self.weighting(detached.reshape(-1)).reshape(losses.shape)  # one weight per loss entry
+        return (weights * losses).mean()
+
     def element_reduction(self, losses: Tensor, *_: Any) -> Tensor:
-        """``mean(v * losses)`` with ``v = weighting(losses.detach())``."""
-        return (self.weighting(losses.detach()) * losses).mean()
+        """``mean(v * losses)`` with ``v = weighting(losses.detach())``, entry by entry."""
+        return self._weighted_mean(losses, "element")
 
-    def pos_pair_reduction(self, losses: Tensor, *args: Any) -> Tensor:
-        """Same as :meth:`element_reduction`."""
-        return self.element_reduction(losses, *args)
+    def pos_pair_reduction(self, losses: Tensor, *_: Any) -> Tensor:
+        """Same as :meth:`element_reduction`, over positive pairs."""
+        return self._weighted_mean(losses, "pos_pair")
 
-    def neg_pair_reduction(self, losses: Tensor, *args: Any) -> Tensor:
-        """Same as :meth:`element_reduction`."""
-        return self.element_reduction(losses, *args)
+    def neg_pair_reduction(self, losses: Tensor, *_: Any) -> Tensor:
+        """Same as :meth:`element_reduction`, over negative pairs."""
+        return self._weighted_mean(losses, "neg_pair")
 
-    def triplet_reduction(self, losses: Tensor, *args: Any) -> Tensor:
-        """Same as :meth:`element_reduction`."""
-        return self.element_reduction(losses, *args)
+    def triplet_reduction(self, losses: Tensor, *_: Any) -> Tensor:
+        """Same as :meth:`element_reduction`, over triplets."""
+        return self._weighted_mean(losses, "triplet")

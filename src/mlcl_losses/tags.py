@@ -275,8 +275,9 @@ class ViewTags:
                 optional[name] = field - 1
             elif bool(present.any()):
                 raise ValueError(
-                    f"Packed tags carry `{name}` for some entries and not for others; "
-                    "they were not made by ViewTags.pack"
+                    f"Packed tags carry `{name}` for {int(present.sum())} of {packed.numel()} entries: tags with "
+                    f"and without `{name}` were put together (e.g. batches of both kinds in one memory); "
+                    "give every batch the same optional tags"
                 )
             else:
                 optional[name] = None

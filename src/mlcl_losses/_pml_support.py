@@ -1,0 +1,127 @@
+"""Checks and pair masks of the PML adapters: ``indices_tuple``, reducers, level pairs against a reference set."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pytorch_metric_learning.reducers import ClassWeightedReducer, DivisorReducer, MultipleReducers, PerAnchorReducer
+from torch import Tensor
+
+from mlcl_losses.levels import Level, bank_negative_mask, level_masks
+from mlcl_losses.tags import ViewTags
+
+Pairs = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def _check_index(name: str, index: object, size: int, of: str) -> Tensor:
+    """An integer index tensor with values in ``[0, size)``, else an error naming ``indices_tuple``."""
+    if not isinstance(index, Tensor) or index.dtype.is_floating_point or index.dtype == torch.bool:
+        got = f"a {index.dtype} tensor" if isinstance(index, Tensor) else type(index).__name__
+        raise TypeError(f"Expected `indices_tuple` {name} to be an integer tensor, but got {got}")
+    if index.dim() != 1:
+        raise ValueError(f"Expected `indices_tuple` {name} of shape (P,), but got shape {tuple(index.shape)}")
+    if index.numel():
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= size:
+            raise ValueError(
+                f"Expected `indices_tuple` {name} in [0, {size - 1}] (rows of {of}), but got {low if low < 0 else high}"
+            )
+    return index.long()
+
+
+def check_indices_tuple(indices_tuple: object, n: int, n_ref: int | None) -> Pairs:
+    """Validated ``(a1, p, a2, n)``; a triplet tuple ``(a, p, n)`` becomes pairs."""
+    if not isinstance(indices_tuple, (tuple, list)):
+        got = type(indices_tuple).__name__
+        raise TypeError(f"Expected `indices_tuple` to be a tuple of index tensors, but got {got}")
+    if len(indices_tuple) not in (3, 4):
+        got = f"length {len(indices_tuple)}"
+        raise ValueError(f"Expected `indices_tuple` of length 3 (a, p, n) or 4 (a1, p, a2, n), but got {got}")
+    names = ("anchors a", "positives p", "negatives n") if len(indices_tuple) == 3 else ("a1", "p", "a2", "n")
+    rows = (n, "`embeddings`")
+    cols = rows if n_ref is None else (n_ref, "`ref_emb`")
+    checked = [
+        _check_index(name, index, *(rows if name.startswith("a") else cols))
+        for name, index in zip(names, indices_tuple, strict=True)
+    ]
+    groups = {"a, p, n": checked} if len(checked) == 3 else {"a1, p": checked[:2], "a2, n": checked[2:]}
+    for which, group in groups.items():
+        lengths = [len(index) for index in group]
+        if len(set(lengths)) > 1:
+            raise ValueError(f"Expected `indices_tuple` {which} of one length, but got lengths {lengths}")
+    if len(checked) == 3:
+        return checked[0], checked[1], checked[0], checked[2]
+    return checked[0], checked[1], checked[2], checked[3]
+
+
+def pairs_to_mask(rows: Tensor, cols: Tensor, shape: tuple[int, int], device: torch.device) -> Tensor:
+    """``shape`` bool mask, True at ``(rows[i], cols[i])``."""
+    mask = torch.zeros(shape, dtype=torch.bool, device=device)
+    mask[rows.to(device), cols.to(device)] = True
+    return mask
+
+
+def unpack_labels(labels: Tensor, name: str) -> ViewTags:
+    """Packed tags of ``labels`` (an error names the argument)."""
+    try:
+        return ViewTags.unpack(labels)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"`{name}`: {err}") from err
+
+
+def common_optional_tags(tags: ViewTags, ref: ViewTags, levels: Sequence[Level]) -> tuple[ViewTags, ViewTags]:
+    """Batch and reference tags with the same optional tags, so they can be put side by side.
+
+    ``image`` given on one side only is dropped (it only keeps pairs from being negatives, and a
+    bank without image tags is treated the same way); a missing ``label`` is an error when a level
+    uses labels, and otherwise dropped too.
+    """
+    if any(level.needs_label for level in levels):
+        for name, t in (("labels", tags), ("ref_labels", ref)):
+            if t.label is None:
+                raise ValueError(f"A level pairs or excludes by label, but the packed tags in `{name}` carry no label")
+    keep = {name: getattr(tags, name) is not None and getattr(ref, name) is not None for name in ("label", "image")}
+    return tuple(  # type: ignore[return-value]
+        ViewTags(
+            kind=t.kind,
+            quality=t.quality,
+            source=t.source,
+            label=t.label if keep["label"] else None,
+            image=t.image if keep["image"] else None,
+            validate=False,
+        )
+        for t in (tags, ref)
+    )
+
+
+def level_pair_masks(tags: ViewTags, ref: ViewTags | None, level: Level) -> tuple[Tensor, Tensor]:
+    """``(N, N)`` (or ``(N, M)`` against a reference set) bool positives and negatives of one level.
+
+    Against a reference set, an entry is a positive when related to the anchor (same source or
+    label) and passing the positive selector, a negative under the bank rules.
+    """
+    if ref is None:
+        masks = level_masks(tags, [level])[0]
+        return masks.positives, masks.negatives
+    key, ref_key = (tags.source, ref.source) if level.relation == "source" else (tags.label, ref.label)
+    if key is None or ref_key is None:
+        raise ValueError(f"Level {level.name!r} pairs by label, but the tags carry no label")
+    pos = level.anchors(tags)[:, None] & (key[:, None] == ref_key[None, :]) & level.positives(ref)[None, :]
+    return pos, bank_negative_mask(tags, ref, level)
+
+
+def check_reducer(reducer: object) -> None:
+    """Refuse PML reducers that need what this loss cannot give: classes, or a divisor."""
+    inner = [reducer]
+    if isinstance(reducer, MultipleReducers):
+        inner = [*reducer.reducers.values(), reducer.default_reducer]
+    for r in inner:
+        r = r.reducer if isinstance(r, PerAnchorReducer) else r
+        if isinstance(r, ClassWeightedReducer):
+            raise ValueError(
+                "Expected a `reducer` that does not weight by class: ClassWeightedReducer indexes its weights "
+                "with the labels, which here are packed ViewTags, not classes"
+            )
+        if isinstance(r, DivisorReducer):
+            raise ValueError("Expected a `reducer` without a divisor: DivisorReducer needs a loss that gives one")
