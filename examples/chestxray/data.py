@@ -145,6 +145,11 @@ class ChestXrayDataConfig:
 
     def validate(self, key: str) -> None:
         check(self.source in ("synthetic", "chestxray14"), f"{key}.source", "'synthetic' or 'chestxray14'", self.source)
+        if self.source == "synthetic" and self.chestxray14.root is not None:
+            raise ConfigError(
+                f"{key}.source: is 'synthetic', but {key}.chestxray14.root is set ({self.chestxray14.root!r}); "
+                f"set {key}.source=chestxray14 to train on the real ChestX-ray14 files, or drop {key}.chestxray14.root"
+            )
         check(self.image_size >= 32, f"{key}.image_size", "an int >= 32", self.image_size)
         self.synthetic.validate(f"{key}.synthetic")
         self.chestxray14.validate(f"{key}.chestxray14")
@@ -369,6 +374,20 @@ def _real(cfg: Any, seed: int) -> PipelineData:
                 f"data.chestxray14.images: {len(missing)} image(s) of the {what} list are not in {image_dir}, "
                 f"e.g. {missing[0]!r}"
             )
+    data_seed = cfg.data.synthetic.seed
+    ranges = [tuple(r) for r in rc.severity_ranges]
+    train_quality = [image_quality(n, data_seed, rc.quality_probs) for n in train_names]
+    labelled = _labelled(cfg, [ds.multi_hot(records[n].labels) for n in train_names], train_quality, seed)
+
+    def grading(names: list[str], augment: bool) -> GradingDataset:
+        quality = [image_quality(n, data_seed, rc.quality_probs) for n in names]
+        loader = _DegradedLoader([image_dir / n for n in names], quality, cfg.data.image_size, ranges, data_seed)  # type: ignore[arg-type]
+        targets = [ds.multi_hot(records[n].labels) for n in names]
+        return GradingDataset(loader, targets, quality, augment, seed)  # type: ignore[arg-type]
+
+    train_ds, test_ds = grading(train_names, cfg.finetune.augment).subset(labelled), grading(test_names, False)
+    if cfg.run.method == "ce":  # no pre-training: no lesion boxes needed (e.g. the grader of propose_boxes)
+        return PipelineData([], train_ds, test_ds, len(LABELS), QUALITY_NAMES)
     lesions, healthy = _lesion_boxes(rc, root)
     train_set = set(train_names)
     not_train = sorted(k for k in lesions if k not in train_set)
@@ -378,9 +397,6 @@ def _real(cfg: Any, seed: int) -> PipelineData:
             len(not_train),
             not_train[0],
         )
-    data_seed = cfg.data.synthetic.seed
-    train_quality = [image_quality(n, data_seed, rc.quality_probs) for n in train_names]
-    labelled = _labelled(cfg, [ds.multi_hot(records[n].labels) for n in train_names], train_quality, seed)
     keep = {train_names[i] for i in labelled}
     position = {n: i for i, n in enumerate(train_names)}
 
@@ -404,16 +420,7 @@ def _real(cfg: Any, seed: int) -> PipelineData:
     views: FourViewDataset = EpochFourViewDataset(
         RealViewRecords(items, rc.view_image_size, cfg.pretrain.max_lesions, seed), sampler, degradation, base_seed=seed
     )
-    ranges = [tuple(r) for r in rc.severity_ranges]
-
-    def grading(names: list[str], augment: bool) -> GradingDataset:
-        quality = [image_quality(n, data_seed, rc.quality_probs) for n in names]
-        loader = _DegradedLoader([image_dir / n for n in names], quality, cfg.data.image_size, ranges, data_seed)  # type: ignore[arg-type]
-        targets = [ds.multi_hot(records[n].labels) for n in names]
-        return GradingDataset(loader, targets, quality, augment, seed)  # type: ignore[arg-type]
-
-    train_ds = grading(train_names, cfg.finetune.augment).subset(labelled)
-    return PipelineData(views, train_ds, grading(test_names, False), len(LABELS), QUALITY_NAMES)
+    return PipelineData(views, train_ds, test_ds, len(LABELS), QUALITY_NAMES)
 
 
 def build_data(cfg: Any, seed: int) -> PipelineData:

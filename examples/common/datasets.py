@@ -26,26 +26,34 @@ NIH ChestX-ray14 (Wang et al., CVPR 2017, https://nihcc.app.box.com/v/ChestXray-
 - ``train_val_list.txt`` / ``test_list.txt``: one image name per line; the official split is by
   patient.
 
-Lesion boxes for the fundus pipeline are stored as JSON (see :func:`write_boxes_json` for the
-layout), converted once from the pickle the CoMCL authors distribute (:func:`convert_pickle_boxes`,
-or ``python -m examples.common.datasets convert-boxes IN.pkl OUT.json --allow-pickle``).
+Lesion boxes are stored as JSON (:mod:`examples.common.boxes`, re-exported here), converted once from
+the pickle the CoMCL authors distribute (:func:`convert_pickle_boxes`, or
+``python -m examples.common.datasets convert-boxes IN.pkl OUT.json --allow-pickle``), proposed from
+class activation maps (``python -m examples.common.propose_boxes``) or written by a detector.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
-import numbers
 import os
-import pickle
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
+
+from examples.common.boxes import (
+    BOXES_FORMAT,
+    BOXES_VERSION,
+    Box,
+    SplitBoxes,
+    convert_pickle_boxes,
+    read_boxes_json,
+    write_boxes_json,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -536,197 +544,6 @@ def assert_patient_disjoint(records: Iterable[ChestRecord], train: Iterable[str]
             f"{len(shared)} patient(s) have images in both train and test, e.g. patient {pid} "
             f"({train_patients[pid]!r} in train, {test_patients[pid]!r} in test)"
         )
-
-
-# --------------------------------------------------------------------------------------------------
-# lesion boxes (fundus)
-# --------------------------------------------------------------------------------------------------
-
-#: A box ``(x1, y1, x2, y2)`` in pixels: top-left and bottom-right corners, as PIL's ``crop`` box.
-Box = tuple[float, float, float, float]
-#: ``format`` tag of the lesion-box JSON.
-BOXES_FORMAT = "mlcl_losses.lesion_boxes"
-#: ``version`` of the lesion-box JSON layout.
-BOXES_VERSION = 1
-_GROUPS = ("healthy", "unhealthy")
-
-
-@dataclass
-class SplitBoxes:
-    """Boxes of one split.
-
-    Attributes:
-        healthy: ``{image: [box, ...]}`` of healthy regions (negatives for the lesion level).
-        unhealthy: ``{image: [box, ...]}`` of lesions.
-    """
-
-    healthy: dict[str, list[Box]] = field(default_factory=dict)
-    unhealthy: dict[str, list[Box]] = field(default_factory=dict)
-
-
-def _check_box(value: Any, where: str) -> Box:
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        value = value.tolist()  # numpy arrays from a detector
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 4:
-        raise ValueError(f"{where}: expected a box [x1, y1, x2, y2] of 4 numbers, got {value!r}")
-    coords = []
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
-            raise ValueError(f"{where}: expected a box [x1, y1, x2, y2] of finite numbers, got {value!r}")
-        coords.append(float(v))
-    x1, y1, x2, y2 = coords
-    if not (x2 > x1 and y2 > y1):
-        raise ValueError(f"{where}: expected a box with x2 > x1 and y2 > y1, got {value!r}")
-    return (x1, y1, x2, y2)
-
-
-def _check_group(value: Any, where: str) -> dict[str, list[Box]]:
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{where}: expected a mapping {{image: [boxes]}}, got {type(value).__name__}")
-    out: dict[str, list[Box]] = {}
-    for image, boxes in value.items():
-        if not isinstance(image, str) or not image:
-            raise ValueError(f"{where}: expected image keys to be non-empty strings, got {image!r}")
-        at = f"{where}, image {image!r}"
-        if isinstance(boxes, (str, bytes)) or not isinstance(boxes, Iterable):
-            raise ValueError(f"{at}: expected a list of boxes, got {boxes!r}")
-        out[image] = [_check_box(box, f"{at}, box {i}") for i, box in enumerate(boxes)]
-    return out
-
-
-def _check_tree(tree: Any, source: str, allow_flat: bool) -> dict[str, SplitBoxes]:
-    """Validate ``{split: {"healthy": {...}, "unhealthy": {...}}}``.
-
-    With ``allow_flat`` a split may instead be a plain ``{image: [boxes]}`` mapping (the authors'
-    ``'val'``), read as lesion boxes.
-    """
-    if not isinstance(tree, Mapping):
-        raise ValueError(f"{source}: expected a mapping {{split: boxes}}, got {type(tree).__name__}")
-    out: dict[str, SplitBoxes] = {}
-    for split, value in tree.items():
-        where = f"{source}: split {split!r}"
-        if not isinstance(split, str) or not split:
-            raise ValueError(f"{source}: expected split names to be non-empty strings, got {split!r}")
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{where}: expected a mapping, got {type(value).__name__}")
-        keys = set(value.keys())
-        if keys and keys <= set(_GROUPS):
-            groups = {g: _check_group(value.get(g, {}), f"{where}, group {g!r}") for g in _GROUPS}
-            out[split] = SplitBoxes(healthy=groups["healthy"], unhealthy=groups["unhealthy"])
-        elif allow_flat or not keys:
-            out[split] = SplitBoxes(unhealthy=_check_group(value, f"{where}, group 'unhealthy'"))
-        else:
-            raise ValueError(f"{where}: expected keys 'healthy' and 'unhealthy', got {sorted(map(str, keys))[:5]!r}")
-    return out
-
-
-def write_boxes_json(boxes: Mapping[str, SplitBoxes], json_path: PathLike) -> None:
-    """Write lesion boxes as JSON.
-
-    Layout (UTF-8, one file for all splits)::
-
-        {
-          "format": "mlcl_losses.lesion_boxes",
-          "version": 1,
-          "splits": {
-            "train": {"healthy":   {"<image>": [[x1, y1, x2, y2], ...], ...},
-                      "unhealthy": {"<image>": [[x1, y1, x2, y2], ...], ...}},
-            "val":   {"healthy": {}, "unhealthy": {...}}
-          }
-        }
-
-    ``<image>`` is the key as the source gave it (a file name or a path); boxes are corners in
-    pixels of that image, ``x2 > x1`` and ``y2 > y1`` (PIL ``crop`` convention).
-
-    Args:
-        boxes: ``{split: SplitBoxes}``.
-        json_path: output path; its parent directory must exist. Written atomically.
-
-    Raises:
-        ValueError: an invalid box (the message names the split, group, image and box).
-    """
-    tree = {split: {"healthy": b.healthy, "unhealthy": b.unhealthy} for split, b in boxes.items()}
-    checked = _check_tree(tree, "boxes to write", allow_flat=False)
-    doc = {
-        "format": BOXES_FORMAT,
-        "version": BOXES_VERSION,
-        "splits": {
-            split: {g: {img: [list(box) for box in bs] for img, bs in getattr(b, g).items()} for g in _GROUPS}
-            for split, b in checked.items()
-        },
-    }
-    out = Path(json_path)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, out)
-
-
-def read_boxes_json(json_path: PathLike) -> dict[str, SplitBoxes]:
-    """Read lesion boxes written by :func:`write_boxes_json` (layout documented there).
-
-    Args:
-        json_path: path of the JSON file.
-
-    Returns:
-        ``{split: SplitBoxes}``, boxes as ``(x1, y1, x2, y2)`` float tuples.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: not JSON, a wrong ``format``/``version``, or an invalid box (the message names
-            the file, split, group, image and box).
-    """
-    p = _existing_file(json_path, "lesion-box JSON")
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p}: not a lesion-box JSON file ({e})") from e
-    if not isinstance(doc, dict) or doc.get("format") != BOXES_FORMAT:
-        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise ValueError(f"{p}: expected `format` {BOXES_FORMAT!r}, got {got!r}")
-    if doc.get("version") != BOXES_VERSION:
-        raise ValueError(f"{p}: expected `version` {BOXES_VERSION}, got {doc.get('version')!r}")
-    return _check_tree(doc.get("splits"), str(p), allow_flat=False)
-
-
-def convert_pickle_boxes(pkl_path: PathLike, json_path: PathLike, allow_pickle: bool = False) -> dict[str, SplitBoxes]:
-    """Convert the CoMCL authors' lesion-box pickle to the JSON of :func:`write_boxes_json`.
-
-    The pickle holds ``{'train': {'healthy': {path: [(x1, y1, x2, y2), ...]}, 'unhealthy': {...}},
-    'val': {...}}``; a split given as a plain ``{path: [boxes]}`` mapping (the authors' ``'val'``)
-    is read as lesion (``unhealthy``) boxes. Keys are kept verbatim. Boxes may be tuples, lists or
-    numpy arrays of numbers.
-
-    Args:
-        pkl_path: the pickle file.
-        json_path: the JSON file to write.
-        allow_pickle: must be ``True``: unpickling runs whatever code the file asks for, so only
-            convert a file from a source you trust.
-
-    Returns:
-        The converted boxes, ``{split: SplitBoxes}``.
-
-    Raises:
-        ValueError: ``allow_pickle`` is not ``True``; the file cannot be unpickled; or the content
-            is not in the layout above or holds an invalid box (the message names the file, split,
-            group, image and box).
-        FileNotFoundError: the pickle does not exist.
-    """
-    if allow_pickle is not True:
-        raise ValueError(
-            f"Refusing to unpickle {pkl_path}: loading a pickle runs arbitrary code stored in the file. "
-            "Pass allow_pickle=True (command line: --allow-pickle) only for a file from a source you trust."
-        )
-    p = _existing_file(pkl_path, "lesion-box pickle")
-    try:
-        with p.open("rb") as f:
-            tree = pickle.load(f)  # guarded by allow_pickle above
-    except Exception as e:  # unpickling can fail in many ways (corrupt file, missing module, ...)
-        raise ValueError(f"{p}: cannot unpickle ({type(e).__name__}: {e})") from e
-    boxes = _check_tree(tree, str(p), allow_flat=True)
-    write_boxes_json(boxes, json_path)
-    return boxes
 
 
 # --------------------------------------------------------------------------------------------------

@@ -314,7 +314,14 @@ def run_pipeline(
         if job.is_main:
             save_checkpoint(
                 ckpt_path,
-                {"fingerprint": fingerprint, "method": method, "stage": stage_name, "epoch": epoch, **payload},
+                {
+                    "fingerprint": fingerprint,
+                    "config": identity or {},  # what predict / propose_boxes rebuild the model from
+                    "method": method,
+                    "stage": stage_name,
+                    "epoch": epoch,
+                    **payload,
+                },
             )
         ddp.barrier()  # no rank goes on (or stops) before the checkpoint is on disk
         epochs_run += 1

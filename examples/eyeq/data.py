@@ -13,7 +13,8 @@ image folders (read with :mod:`examples.common.datasets`); lesion boxes from a J
 (``data.eyeq.boxes_json``), or converted once from the CoMCL authors' pickle
 (``data.eyeq.boxes_pickle``, only with ``--allow-pickle``). Pre-training uses the images of the
 box file's ``boxes_split`` that are listed in the train CSV, resized to ``view_image_size`` with the
-boxes scaled alike; their degraded copies are drawn on the fly.
+boxes scaled alike; their degraded copies are drawn on the fly. A ``ce`` run (no pre-training) needs
+no boxes: it is the grader that ``python -m examples.common.propose_boxes`` proposes boxes with.
 """
 
 from __future__ import annotations
@@ -111,6 +112,11 @@ class EyeQDataConfig:
 
     def validate(self, key: str) -> None:
         check(self.source in ("synthetic", "eyeq"), f"{key}.source", "'synthetic' or 'eyeq'", self.source)
+        if self.source == "synthetic" and self.eyeq.root is not None:
+            raise ConfigError(
+                f"{key}.source: is 'synthetic', but {key}.eyeq.root is set ({self.eyeq.root!r}); "
+                f"set {key}.source=eyeq to train on the real EyeQ files, or drop {key}.eyeq.root"
+            )
         check(self.image_size >= 32, f"{key}.image_size", "an int >= 32", self.image_size)
         self.synthetic.validate(f"{key}.synthetic")
         self.eyeq.validate(f"{key}.eyeq")
@@ -290,11 +296,28 @@ def _real(cfg: Any, seed: int, allow_pickle: bool) -> PipelineData:
                 f"data.eyeq.{name}_images: {len(missing)} image(s) of the {name} CSV are not in {folder}, "
                 f"e.g. {missing[0]!r}"
             )
+    labelled = _labelled(cfg, [r.dr_grade for r in train_rows], [r.quality for r in train_rows], seed)
+    size = cfg.data.image_size
+    train_ds = GradingDataset(
+        _ImageLoader([train_dir / r.image for r in train_rows], size),
+        [r.dr_grade for r in train_rows],
+        [r.quality for r in train_rows],
+        cfg.finetune.augment,
+        seed,
+    ).subset(labelled)
+    test_ds = GradingDataset(
+        _ImageLoader([test_dir / r.image for r in test_rows], size),
+        [r.dr_grade for r in test_rows],
+        [r.quality for r in test_rows],
+        False,
+        seed,
+    )
+    if cfg.run.method == "ce":  # no pre-training: no lesion boxes needed (e.g. the grader of propose_boxes)
+        return PipelineData([], train_ds, test_ds, NUM_GRADES, QUALITY_NAMES)
     boxes = load_boxes(rc, root, allow_pickle)
     if rc.boxes_split not in boxes:
         raise ConfigError(f"data.eyeq.boxes_split: split {rc.boxes_split!r} not in the box file (has {sorted(boxes)})")
     split = boxes[rc.boxes_split]
-    labelled = _labelled(cfg, [r.dr_grade for r in train_rows], [r.quality for r in train_rows], seed)
     pretrain_label = dict(
         zip([r.image for r in train_rows], _pretrain_labels([r.dr_grade for r in train_rows], labelled), strict=True)
     )
@@ -325,21 +348,6 @@ def _real(cfg: Any, seed: int, allow_pickle: bool) -> PipelineData:
     degradation = FundusDegradation(severity=tuple(cfg.pretrain.degradation_severity), kinds="random")
     views = EpochFourViewDataset(
         RealViewRecords(items, rc.view_image_size, cfg.pretrain.max_lesions, seed), sampler, degradation, base_seed=seed
-    )
-    size = cfg.data.image_size
-    train_ds = GradingDataset(
-        _ImageLoader([train_dir / r.image for r in train_rows], size),
-        [r.dr_grade for r in train_rows],
-        [r.quality for r in train_rows],
-        cfg.finetune.augment,
-        seed,
-    ).subset(labelled)
-    test_ds = GradingDataset(
-        _ImageLoader([test_dir / r.image for r in test_rows], size),
-        [r.dr_grade for r in test_rows],
-        [r.quality for r in test_rows],
-        False,
-        seed,
     )
     return PipelineData(views, train_ds, test_ds, NUM_GRADES, QUALITY_NAMES)
 

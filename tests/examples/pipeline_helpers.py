@@ -28,3 +28,38 @@ def run_tiny(main: Callable[[list[str]], int], config: Path, out: Path, cache: P
 def read_metrics(out: Path) -> dict[str, Any]:
     """``OUT/metrics.json``."""
     return json.loads((out / "metrics.json").read_text())
+
+
+def real_photograph_eyeq(root: Path, n_train: int = 8, n_test: int = 4, size: int = 128) -> list[tuple[str, int]]:
+    """A tiny EyeQ dataset in the published layout made from the real photograph ``skimage.data.retina()``.
+
+    Each image is the photograph resized to ``size`` px, flipped and rotated by its index; images of
+    grade >= 1 get dark red dots (microaneurysm-like) drawn on. Returns ``(name, grade)`` of the train rows.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+    from skimage import data as skimage_data
+
+    base = Image.fromarray(skimage_data.retina()).resize((size, size), Image.Resampling.LANCZOS)
+    rng = np.random.default_rng(0)
+    rows: dict[str, list[str]] = {"train": [], "test": []}
+    train: list[tuple[str, int]] = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        (root / split).mkdir(parents=True)
+        for i in range(n):
+            img = base.rotate(90 * (i % 4))
+            if i % 2:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            grade = i % 5
+            draw = ImageDraw.Draw(img)
+            for _ in range(3 * grade):
+                x, y = rng.integers(size // 4, 3 * size // 4, 2)
+                draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(90, 10, 8))
+            name = f"{200 + i}_{'left' if i % 2 else 'right'}.{'jpeg' if i % 3 == 0 else 'png'}"
+            img.save(root / split / name)
+            rows[split].append(f"{i},{name},{i % 3},{grade}")
+            if split == "train":
+                train.append((name, grade))
+    for split in ("train", "test"):
+        (root / f"Label_EyeQ_{split}.csv").write_text(",image,quality,DR_grade\n" + "\n".join(rows[split]) + "\n")
+    return train

@@ -314,7 +314,7 @@ def test_convert_pickle_round_trip(tmp_path: Path) -> None:
     assert boxes["val"] == SplitBoxes(healthy={}, unhealthy={"data/val/15_left.jpeg": [(5.0, 5.0, 50.0, 60.0)]})
     doc = json.loads(out.read_text())
     assert doc["format"] == "mlcl_losses.lesion_boxes"
-    assert doc["version"] == 1
+    assert doc["version"] == 2
     assert doc["splits"]["train"]["unhealthy"]["data/train/10_right.jpeg"] == [[10.0, 20.0, 30.0, 45.0]]
     assert read_boxes_json(out) == boxes
     again = tmp_path / "again.json"
@@ -386,10 +386,74 @@ def test_read_boxes_json_validates(tmp_path: Path) -> None:
         read_boxes_json(flat)
     with pytest.raises(ValueError, match="expected `format`"):
         read_boxes_json(write(tmp_path / "fmt.json", doc({}, fmt="other")))
-    with pytest.raises(ValueError, match="expected `version` 1, got 2"):
-        read_boxes_json(write(tmp_path / "ver.json", doc({}, version=2)))
+    with pytest.raises(ValueError, match=r"expected `version` in \(1, 2\), got 3"):
+        read_boxes_json(write(tmp_path / "ver.json", doc({}, version=3)))
+    scored_v1 = doc({"train": {"healthy": {}, "unhealthy": {"a.jpeg": [{"box": [0, 0, 1, 1], "score": 0.5}]}}})
+    with pytest.raises(ValueError, match=r"box 0: expected a box \[x1, y1, x2, y2\]"):
+        read_boxes_json(write(tmp_path / "scored_v1.json", scored_v1))  # version 1 has no scores
     with pytest.raises(ValueError, match="not a lesion-box JSON"):
         read_boxes_json(write(tmp_path / "junk.json", "{"))
+
+
+def test_boxes_json_version_2_scores_and_labels_round_trip(tmp_path: Path) -> None:
+    boxes = {
+        "train": SplitBoxes(
+            healthy={"h.png": [(0.0, 0.0, 8.0, 8.0)]},
+            unhealthy={"a.png": [(1.0, 2.0, 5.0, 6.0), (3.0, 3.0, 9.5, 7.0)], "b.png": [(0.0, 0.0, 4.0, 4.0)]},
+            scores={"a.png": [0.9, 0.25]},
+            labels={"a.png": ["Nodule", "Mass"]},
+        )
+    }
+    out = tmp_path / "v2.json"
+    write_boxes_json(boxes, out)
+    doc = json.loads(out.read_text())
+    assert doc["version"] == 2
+    assert doc["splits"]["train"]["unhealthy"]["a.png"][1] == {
+        "box": [3.0, 3.0, 9.5, 7.0],
+        "score": 0.25,
+        "label": "Mass",
+    }
+    assert doc["splits"]["train"]["unhealthy"]["b.png"] == [[0.0, 0.0, 4.0, 4.0]]  # unscored boxes stay 4 numbers
+    assert read_boxes_json(out) == boxes
+
+
+def test_boxes_json_version_1_still_read(tmp_path: Path) -> None:
+    v1 = {"format": "mlcl_losses.lesion_boxes", "version": 1, "splits": {"train": {"unhealthy": {"a": [[0, 0, 2, 3]]}}}}
+    path = write(tmp_path / "v1.json", json.dumps(v1))
+    assert read_boxes_json(path) == {"train": SplitBoxes(unhealthy={"a": [(0.0, 0.0, 2.0, 3.0)]})}
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"box": [0, 0, 1, 1], "score": float("nan")}, "expected `score` to be a finite number"),
+        ({"box": [0, 0, 1, 1], "score": True}, "expected `score` to be a finite number"),
+        ({"box": [0, 0, 1, 1], "label": ""}, "expected `label` to be a non-empty string"),
+        ({"box": [0, 0, 1, 1], "confidence": 0.5}, "expected keys 'box' and optionally 'score', 'label'"),
+        ({"score": 0.5}, "expected keys 'box'"),
+    ],
+    ids=["nan-score", "bool-score", "empty-label", "unknown-key", "no-box"],
+)
+def test_boxes_json_version_2_validates(tmp_path: Path, entry: dict, message: str) -> None:
+    doc = {"format": "mlcl_losses.lesion_boxes", "version": 2, "splits": {"t": {"unhealthy": {"a": [entry]}}}}
+    with pytest.raises(ValueError, match=rf"split 't', group 'unhealthy', image 'a', box 0: {message}"):
+        read_boxes_json(write(tmp_path / "bad.json", json.dumps(doc)))
+
+
+def test_boxes_json_version_2_every_box_or_none_scored(tmp_path: Path) -> None:
+    doc = {
+        "format": "mlcl_losses.lesion_boxes",
+        "version": 2,
+        "splits": {"t": {"unhealthy": {"a": [{"box": [0, 0, 1, 1], "score": 0.3}, [0, 0, 2, 2]]}}},
+    }
+    with pytest.raises(ValueError, match="image 'a': either every box or no box has a score"):
+        read_boxes_json(write(tmp_path / "mixed.json", json.dumps(doc)))
+    with pytest.raises(ValueError, match="1 scores for 2 boxes"):
+        write_boxes_json(
+            {"t": SplitBoxes(unhealthy={"a": [(0, 0, 1, 1), (0, 0, 2, 2)]}, scores={"a": [0.5]})}, tmp_path / "o.json"
+        )
+    with pytest.raises(ValueError, match="scores or labels of an image without lesion boxes: 'b'"):
+        write_boxes_json({"t": SplitBoxes(unhealthy={"a": []}, scores={"b": [0.5]})}, tmp_path / "o.json")
 
 
 def test_cli_convert_boxes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
