@@ -1,0 +1,1 @@
+"""Lightning example: CoMCL pre-training as a ``LightningModule``."""

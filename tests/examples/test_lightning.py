@@ -1,0 +1,140 @@
+"""The Lightning example (examples/lightning/): a tiny CoMCL fit, checkpoints, resume."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from examples.lightning.data import SyntheticFourViewData
+from examples.lightning.module import CHECKPOINT_KEY, CoMCLModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+import lightning as L
+
+TRAIN = Path(__file__).resolve().parents[2] / "examples" / "lightning" / "train.py"
+STEPS_PER_EPOCH = 2  # 8 images, 4 per step
+PLANNED_STEPS = 3 * STEPS_PER_EPOCH
+
+
+def _fit(out: Path, max_epochs: int, ckpt: Path | None = None, **module_args: object) -> CoMCLModule:
+    """A tiny CPU fit: ResNet-18 at width 1/8, 24 px patches, a 64-key bank (it wraps around in 6 steps)."""
+    L.seed_everything(0, verbose=False)
+    data = SyntheticFourViewData(
+        n_images=8, image_size=64, patch_size=24, max_lesions=2, n_healthy=1, batch_images=4, seed=3
+    )
+    args = {
+        "width": 0.125,
+        "proj_hidden": 16,
+        "proj_dim": 8,
+        "bank_size": 64,
+        "k": 4,
+        "index_backend": "torch",
+        "max_steps": PLANNED_STEPS,
+    } | module_args
+    module = CoMCLModule(**args)  # type: ignore[arg-type]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        default_root_dir=out,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", save_last=True)],
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
+    assert trainer.global_step == max_epochs * STEPS_PER_EPOCH
+    return module
+
+
+def _pace_steps(module: CoMCLModule) -> set[int]:
+    return {w.schedule.step_count for w in module.criterion.weightings.values()}
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checkpoint of a fit stopped after its first epoch (of three planned)."""
+    out = tmp_path_factory.mktemp("interrupted")
+    first = _fit(out, max_epochs=1)
+    assert _pace_steps(first) == {STEPS_PER_EPOCH}
+    return out / "checkpoints" / "last.ckpt"
+
+
+def test_resume_continues_pace_and_index(tmp_path: Path, interrupted: Path) -> None:
+    whole = _fit(tmp_path / "whole", max_epochs=3)
+    assert _pace_steps(whole) == {PLANNED_STEPS}  # stepped once per optimiser step
+    assert len(whole.criterion.index) == 64  # the keys of every step were enqueued; the ring buffer wrapped
+
+    saved = torch.load(interrupted, weights_only=True)  # plain tensors and values: no unpickling needed
+    assert saved[CHECKPOINT_KEY][0]["weightings.lesion._extra_state"]["step_count"] == STEPS_PER_EPOCH
+    assert saved[CHECKPOINT_KEY][0]["index._extra_state"]["size"] > 0
+    resumed = _fit(tmp_path / "resumed", max_epochs=3, ckpt=interrupted)
+
+    assert _pace_steps(resumed) == {PLANNED_STEPS}
+    assert resumed.criterion.state_dict().keys() == whole.criterion.state_dict().keys()
+    for key, value in whole.criterion.state_dict().items():  # the index's keys, tags, pointer; the pace
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(resumed.criterion.state_dict()[key], value, rtol=0, atol=0, msg=key)
+        else:
+            assert resumed.criterion.state_dict()[key] == value, key
+    for name, value in whole.state_dict().items():  # query and key encoders
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_load_from_checkpoint_weights_only(interrupted: Path) -> None:
+    module = CoMCLModule.load_from_checkpoint(interrupted, weights_only=True)
+    saved = torch.load(interrupted, weights_only=True)["state_dict"]
+    assert module.state_dict().keys() == saved.keys()
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+
+
+def test_resume_refuses_other_hyperparameters_or_foreign_checkpoints(tmp_path: Path, interrupted: Path) -> None:
+    ckpt = interrupted
+    with pytest.raises(ValueError, match=r"other hyperparameters \(k: 4 there, 8 here\)"):
+        _fit(tmp_path / "other", max_epochs=2, ckpt=ckpt, k=8)
+    state = torch.load(ckpt, weights_only=True)
+    del state[CHECKPOINT_KEY]
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save(state, foreign)
+    with pytest.raises(ValueError, match="no 'comcl_criterion' entry"):
+        _fit(tmp_path / "foreign", max_epochs=2, ckpt=foreign)
+
+
+def test_module_and_data_validate_arguments() -> None:
+    with pytest.raises(ValueError, match=r"`max_steps` to be an int >= 1, but got 0"):
+        CoMCLModule(max_steps=0)
+    with pytest.raises(ValueError, match=r"`batch_images` <= `n_images` \(4\), but got 8"):
+        SyntheticFourViewData(n_images=4, batch_images=8)
+    with pytest.raises(RuntimeError, match="fit the module with a Trainer first"):
+        _ = CoMCLModule(width=0.125).criterion
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
+    """Lightning's DDP strategy, two CPU processes (gloo): one index shard per process, one pace."""
+    out = tmp_path / "ddp"
+    tiny = ["--images", "16", "--image-size", "64", "--patch", "24", "--batch-images", "8"]
+    tiny += ["--bank-size", "128", "--k", "4", "--index-backend", "torch"]
+    cmd = [sys.executable, str(TRAIN), "--out", str(out), "--steps", "4", *tiny]
+    run = subprocess.run(
+        [*cmd, "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "4 steps; pace at step 4" in run.stdout
+    ckpt = out / "checkpoints" / "last.ckpt"
+    shards = torch.load(ckpt, weights_only=True)[CHECKPOINT_KEY]
+    assert len(shards) == 2  # every process's shard, gathered into rank 0's file
+    assert [s["weightings.lesion._extra_state"]["step_count"] for s in shards] == [4, 4]
+    assert [s["index._extra_state"]["size"] for s in shards] == [64, 64]  # 128 keys, split over the processes
+    assert not torch.equal(shards[0]["index._source"], shards[1]["index._source"])  # each kept its own keys
+    refused = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600, check=False)
+    assert refused.returncode != 0
+    assert "index shards of 2 process(es); resume it with the same number, not 1" in refused.stderr
