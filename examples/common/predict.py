@@ -1,0 +1,172 @@
+"""Apply a trained pipeline run to new images: one row per image, as CSV or JSON.
+
+::
+
+    python -m examples.common.predict runs/eyeq photo.jpeg --out predictions.csv
+    python -m examples.common.predict runs/eyeq folder/ --out predictions.json
+    python -m examples.common.predict runs/chestxray paths.csv --out predictions.csv --pipeline chestxray
+    python examples/eyeq/predict.py runs/eyeq folder/ --out predictions.csv      # refuses a ChestX-ray run
+
+``INPUT`` is an image file, a folder (its image files, sorted by name, not recursive) or a CSV whose
+``path`` column (else its first column) lists image files (relative paths from the CSV's folder).
+The architecture, the input size and the channel handling come from the configuration stored with
+the checkpoint, which is read with ``weights_only=True``.
+
+Rows: EyeQ: ``image, grade, confidence, p_grade_0 .. p_grade_4`` (``grade`` the most probable DR
+grade, ``confidence`` its probability). ChestX-ray14: ``image``, ``confidence`` and the 14 label
+probabilities (``confidence`` the mean over labels of the probability of the predicted state,
+``max(p, 1 - p)``). Images are resized to the model's input size; no degradation is applied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+__all__ = ["IMAGE_SUFFIXES", "collect_images", "main", "predict_rows", "write_rows"]
+
+#: File suffixes a folder's images are recognised by.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def collect_images(source: str | Path) -> list[Path]:
+    """The image files of ``source``: a file, a folder (sorted, not recursive) or a CSV of paths.
+
+    Raises:
+        FileNotFoundError: ``source`` or a file the CSV lists does not exist.
+        ValueError: an empty folder or CSV, or a CSV without a path column.
+    """
+    p = Path(source)
+    if not p.exists():
+        raise FileNotFoundError(f"INPUT: no such file or folder: {p}")
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"INPUT: folder {p} holds no image file (suffixes {', '.join(IMAGE_SUFFIXES)})")
+        return files
+    if p.suffix.lower() != ".csv":
+        return [p]
+    with p.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if len(rows) < 2 or not rows[0]:
+        raise ValueError(f"INPUT: {p} should have a header line and at least one row of image paths")
+    header = [h.strip().lower() for h in rows[0]]
+    column = header.index("path") if "path" in header else 0
+    files = []
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) <= column or not row[column].strip():
+            raise ValueError(f"INPUT: {p}, line {line}: no image path in column {rows[0][column]!r}")
+        f = Path(row[column].strip()).expanduser()
+        f = f if f.is_absolute() else p.parent / f
+        if not f.is_file():
+            raise FileNotFoundError(f"INPUT: {p}, line {line}: image not found: {f}")
+        files.append(f)
+    return files
+
+
+def predict_rows(trained: Any, images: Sequence[Path], batch_size: int = 32) -> list[dict[str, Any]]:
+    """One row per image (see the module docstring), in the order of ``images``.
+
+    Args:
+        trained: a :class:`~examples.common.trained.TrainedModel`.
+        images: image files.
+        batch_size: images per forward pass.
+
+    Raises:
+        FileNotFoundError, ValueError: an image is missing, cannot be decoded or has the wrong channels.
+    """
+    import torch
+
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        probs = trained.probabilities(torch.stack([trained.load(p) for p in chunk]))
+        for path, p in zip(chunk, probs.tolist(), strict=True):
+            row: dict[str, Any] = {"image": str(path)}
+            if trained.multilabel:
+                row["confidence"] = sum(max(x, 1 - x) for x in p) / len(p)
+                row.update({name: x for name, x in zip(trained.class_names, p, strict=True)})
+            else:
+                grade = max(range(len(p)), key=p.__getitem__)
+                row["grade"] = grade
+                row["confidence"] = p[grade]
+                row.update({f"p_grade_{name}": x for name, x in zip(trained.class_names, p, strict=True)})
+            rows.append(row)
+    return rows
+
+
+def write_rows(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> None:
+    """``.csv``: a header and one line per row; ``.json``: ``{"meta": ..., "predictions": rows}``."""
+    if not out.parent.is_dir():
+        raise ValueError(f"--out: directory {str(out.parent)!r} does not exist")
+    tmp = out.with_name(f".{out.name}.tmp")
+    if out.suffix.lower() == ".json":
+        tmp.write_text(json.dumps({"meta": meta, "predictions": rows}, indent=1) + "\n", encoding="utf-8")
+    else:
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    tmp.replace(out)
+
+
+def build_parser(prog: str = "python -m examples.common.predict") -> argparse.ArgumentParser:
+    """Arguments of the predict command."""
+    p = argparse.ArgumentParser(prog=prog, description="Apply a trained run's classifier to new images.")
+    p.add_argument("run", type=Path, help="run directory or its checkpoint.pt")
+    p.add_argument("input", type=Path, help="an image file, a folder of images, or a CSV of image paths")
+    p.add_argument("--out", type=Path, required=True, help="predictions file: .csv or .json")
+    p.add_argument("--pipeline", choices=("eyeq", "chestxray"), default=None, help="refuse another pipeline's run")
+    p.add_argument("--batch-size", type=int, default=32)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, pipeline: str | None = None, prog: str | None = None) -> int:
+    """Command line; exit status 2 with a one-line message on a bad checkpoint, image or argument.
+
+    Args:
+        argv: arguments (default ``sys.argv[1:]``).
+        pipeline: refuse a run of another pipeline (the pipelines' own ``predict.py`` set it).
+        prog: program name in the usage line.
+    """
+    args = build_parser(prog or "python -m examples.common.predict").parse_args(argv)
+    try:
+        return _main(args, pipeline or args.pipeline)
+    except (ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace, pipeline: str | None) -> int:
+    from examples.common.trained import load_trained
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: expected an int >= 1, got {args.batch_size}")
+    if args.out.suffix.lower() not in (".csv", ".json"):
+        raise ValueError(f"--out: expected a .csv or .json file, got {str(args.out)!r}")
+    images = collect_images(args.input)
+    trained = load_trained(args.run, expect=pipeline)
+    rows = predict_rows(trained, images, args.batch_size)
+    meta = {
+        "checkpoint": str(trained.path),
+        "pipeline": trained.pipeline,
+        "image_size": trained.image_size,
+        "classes": list(trained.class_names),
+        "activation": "sigmoid" if trained.multilabel else "softmax",
+    }
+    write_rows(rows, args.out, meta)
+    print(f"{len(rows)} image(s) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

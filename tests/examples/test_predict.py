@@ -1,0 +1,159 @@
+"""The predict command: a tiny trained run applied to image files, folders and CSVs (real photographs included)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from examples.chestxray.predict import main as chest_predict
+from examples.chestxray.train import main as chest_main
+from examples.common.predict import main as predict_main
+from examples.common.trained import read_checkpoint
+from examples.eyeq.predict import main as eyeq_predict
+from examples.eyeq.train import main as eyeq_main
+from PIL import Image
+from pipeline_helpers import read_metrics, real_photograph_eyeq, run_tiny
+
+skimage_data = pytest.importorskip("skimage.data", reason="scikit-image ships the real photographs")
+
+REPO = Path(__file__).resolve().parents[2]
+EYEQ_TINY = REPO / "examples" / "eyeq" / "configs" / "tiny.yaml"
+CHEST_TINY = REPO / "examples" / "chestxray" / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def eyeq_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny ``ce`` run on EyeQ-layout files made from the real photograph ``skimage.data.retina()``."""
+    tmp = tmp_path_factory.mktemp("predict_eyeq")
+    root = tmp / "EyeQ"
+    real_photograph_eyeq(root, n_train=8, n_test=5, size=96)
+    out = tmp / "run"
+    args = ["--config", str(EYEQ_TINY), "--out", str(out), "--method", "ce", "--set", "run.tensorboard=false"]
+    args += ["--set", "data.source=eyeq", "--set", f"data.eyeq.root={root}", "--set", "data.eyeq.view_image_size=64"]
+    assert eyeq_main([*args, "--set", "data.image_size=64"]) == 0
+    return root, out
+
+
+@pytest.fixture(scope="module")
+def chest_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("predict_chest")
+    out = tmp / "run"
+    assert run_tiny(chest_main, CHEST_TINY, out, tmp / "cache", "--method", "ce") == 0
+    return out
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_reproduces_the_runs_test_metrics(eyeq_run: tuple[Path, Path], tmp_path: Path) -> None:
+    from examples.common.evaluate import grouped_metrics
+
+    root, run = eyeq_run
+    out = tmp_path / "pred.csv"
+    assert eyeq_predict([str(run), str(root / "test"), "--out", str(out)]) == 0
+    rows = _read_csv(out)
+    table = [line.split(",") for line in (root / "Label_EyeQ_test.csv").read_text().split()[1:]]
+    labels = {name: (int(grade), int(quality)) for _, name, quality, grade in table}
+    names = [Path(r["image"]).name for r in rows]
+    assert names == sorted(labels)  # a folder: its images, sorted by name
+    for r in rows:
+        probs = [float(r[f"p_grade_{g}"]) for g in range(5)]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert float(r["confidence"]) == pytest.approx(max(probs))
+        assert probs[int(r["grade"])] == max(probs)
+    # the run's own test metrics, recomputed from the predictions: same model, input size and preprocessing
+    probs = torch.tensor([[float(r[f"p_grade_{g}"]) for g in range(5)] for r in rows])
+    target = torch.tensor([labels[n][0] for n in names])
+    groups = torch.tensor([labels[n][1] for n in names])
+    again = grouped_metrics(probs, target, groups, ("Good", "Usable", "Reject"), 5)
+    expected = read_metrics(run)
+    for key in ("accuracy", "kappa", "macro_f1", "auc"):
+        assert again[key] == pytest.approx(expected[key], abs=1e-5, nan_ok=True), key
+
+
+def test_predict_on_the_full_size_real_photograph_file_csv_and_json(
+    eyeq_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, run = eyeq_run
+    photo = tmp_path / "retina.png"
+    Image.fromarray(skimage_data.retina()).save(photo)  # 1411 x 1411, resized to the model's 64 px
+    listing = tmp_path / "list.csv"
+    listing.write_text("id,path\n0,retina.png\n1,retina.png\n")
+    single, from_csv = tmp_path / "one.json", tmp_path / "list.csv.json"
+    assert predict_main([str(run / "checkpoint.pt"), str(photo), "--out", str(single)]) == 0
+    assert predict_main([str(run), str(listing), "--out", str(from_csv)]) == 0
+    one = json.loads(single.read_text())
+    assert one["meta"]["pipeline"] == "eyeq"
+    assert one["meta"]["image_size"] == 64
+    assert len(one["predictions"]) == 1
+    rows = json.loads(from_csv.read_text())["predictions"]
+    assert len(rows) == 2
+    for row in rows:
+        for key in ("grade", "confidence", *(f"p_grade_{g}" for g in range(5))):
+            assert row[key] == pytest.approx(one["predictions"][0][key], abs=1e-5)  # batch of 2 vs 1
+
+
+def test_predict_chestxray_on_a_grayscale_image(chest_run: Path, tmp_path: Path) -> None:
+    gray = tmp_path / "gray.png"
+    Image.fromarray(skimage_data.microaneurysms()).save(gray)  # 1 channel: repeated to the encoder's 3
+    rgb_gray = tmp_path / "gray_rgb.png"
+    Image.fromarray(skimage_data.microaneurysms()).convert("RGB").save(rgb_gray)  # 3 equal channels
+    out = tmp_path / "p.csv"
+    folder = tmp_path
+    assert chest_predict([str(chest_run), str(folder), "--out", str(out)]) == 0
+    rows = _read_csv(out)
+    assert len(rows) == 2
+    from examples.common.datasets import CHESTXRAY14_LABELS
+
+    assert list(rows[0]) == ["image", "confidence", *CHESTXRAY14_LABELS]
+    for key in CHESTXRAY14_LABELS:
+        assert 0.0 < float(rows[0][key]) < 1.0
+        assert float(rows[0][key]) == pytest.approx(float(rows[1][key]), abs=1e-5)  # same grey image
+
+
+def test_predict_errors(eyeq_run: tuple[Path, Path], chest_run: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    _, run = eyeq_run
+    out = tmp_path / "p.csv"
+
+    def error(fn, *args: str) -> str:  # noqa: ANN001
+        assert fn([*args, "--out", str(out)]) == 2
+        return capsys.readouterr().err
+
+    gray = tmp_path / "gray.png"
+    Image.fromarray(skimage_data.microaneurysms()).save(gray)
+    assert "expected a colour fundus photograph with 3 channels (RGB), got 1" in error(
+        eyeq_predict, str(run), str(gray)
+    )
+    colour = tmp_path / "colour.png"
+    Image.fromarray(skimage_data.retina()[::8, ::8]).save(colour)
+    assert "expected a grayscale X-ray (1 channel, or 3 equal ones), got 3" in error(
+        chest_predict, str(chest_run), str(colour)
+    )
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    assert f"cannot decode image {broken}" in error(eyeq_predict, str(run), str(broken))
+    assert "is a checkpoint of the chestxray pipeline, not of eyeq" in error(eyeq_predict, str(chest_run), str(colour))
+    assert "is a checkpoint of the eyeq pipeline, not of chestxray" in error(chest_predict, str(run), str(gray))
+    assert "no checkpoint at" in error(predict_main, str(tmp_path), str(colour))
+    assert "INPUT: no such file or folder" in error(predict_main, str(run), str(tmp_path / "none.png"))
+    listing = tmp_path / "bad.csv"
+    listing.write_text("path\nmissing.png\n")
+    assert "line 2: image not found" in error(predict_main, str(run), str(listing))
+    assert predict_main([str(run), str(colour), "--out", str(tmp_path / "p.txt")]) == 2
+    assert "--out: expected a .csv or .json file" in capsys.readouterr().err
+    assert not out.exists()  # nothing written on an error
+
+
+def test_predict_refuses_a_run_still_in_pretraining(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    out = tmp_path / "run"
+    assert run_tiny(eyeq_main, EYEQ_TINY, out, tmp_path / "cache", "--stop-after-epochs", "1") == 0
+    assert read_checkpoint(out)[1]["stage"] == "pretrain"
+    photo = tmp_path / "retina.png"
+    Image.fromarray(skimage_data.retina()[::8, ::8]).save(photo)
+    assert predict_main([str(out), str(photo), "--out", str(tmp_path / "p.csv")]) == 2
+    assert "no fine-tuned classifier yet" in capsys.readouterr().err
