@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +50,8 @@ class CamSettings:
     """How maps become boxes.
 
     Attributes:
-        layer: ResNet stage of the map (:data:`LAYERS`).
+        layer: the encoder's module whose output the map is computed on: a ResNet stage
+            (:data:`LAYERS`), or the dotted name of a module of a timm encoder (e.g. ``stages.2``).
         cam_size: side the image is resized to before the model (``None``: the model's input size).
         thresholds: fractions of a map's peak; each gives the regions above it.
         min_size: boxes smaller than this (pixels of the original image, per side) are grown to it
@@ -61,7 +61,7 @@ class CamSettings:
         max_boxes: boxes kept per map (the highest scored).
     """
 
-    layer: Literal["layer1", "layer2", "layer3", "layer4"] = "layer3"
+    layer: str = "layer3"
     cam_size: int | None = None
     thresholds: tuple[float, ...] = (0.5,)
     min_size: float = 8.0
@@ -70,8 +70,8 @@ class CamSettings:
     max_boxes: int = 8
 
     def __post_init__(self) -> None:
-        if self.layer not in LAYERS:
-            raise ValueError(f"Expected `layer` in {tuple(LAYERS)}, but got {self.layer!r}")
+        if not isinstance(self.layer, str) or not self.layer:
+            raise ValueError(f"Expected `layer` to be a module name such as {tuple(LAYERS)}, but got {self.layer!r}")
         if self.cam_size is not None and (isinstance(self.cam_size, bool) or self.cam_size < 16):
             raise ValueError(f"Expected `cam_size` to be None or an int >= 16, but got {self.cam_size!r}")
         if not self.thresholds or not all(0 < t < 1 for t in self.thresholds):
@@ -212,7 +212,13 @@ def disease_maps(
     Returns:
         ``(maps (B, S, S), probabilities (B,))``: the sigmoid of the target logit.
     """
-    layer = getattr(classifier.encoder, settings.layer)
+    try:
+        layer = classifier.encoder.get_submodule(settings.layer)
+    except AttributeError:
+        names = [name for name, _ in classifier.encoder.named_children()]
+        raise ValueError(
+            f"Expected `layer` to name a module of the encoder (e.g. one of {names}), but got {settings.layer!r}"
+        ) from None
     model = AnyDiseaseLogit(classifier) if any_disease else classifier
     index = torch.zeros(images.shape[0], dtype=torch.long) if any_disease else torch.as_tensor(list(targets))
     maps, logits = grad_cam(model, layer, images, index)

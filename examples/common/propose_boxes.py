@@ -143,7 +143,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="run directory (or its checkpoint.pt) of the pipeline's ce stage")
     p.add_argument("--out", type=Path, required=True, help="box JSON to write")
     p.add_argument("--split", default="train", help="split name in the JSON (default: train)")
-    p.add_argument("--layer", choices=tuple(LAYERS), default="layer3", help="ResNet stage of the map")
+    p.add_argument(
+        "--layer",
+        default="layer3",
+        help=f"encoder module of the map: a ResNet stage {', '.join(LAYERS)} (default layer3) or a timm module name",
+    )
     p.add_argument(
         "--cam-size", type=int, default=None, help="side the image is resized to for the map (default: 2x image_size)"
     )

@@ -67,7 +67,16 @@ def test_empty_and_invalid_maps() -> None:
     with pytest.raises(ValueError, match=r"`thresholds`"):
         CamSettings(thresholds=(1.5,))
     with pytest.raises(ValueError, match=r"`layer`"):
-        CamSettings(layer="layer9")  # type: ignore[arg-type]
+        CamSettings(layer="")
+
+
+def test_unknown_layer_names_the_encoders_modules() -> None:
+    from examples.common.cam_boxes import disease_maps
+    from examples.common.models import Classifier, build_encoder
+
+    model = Classifier(build_encoder("resnet18", 0.125), 2).eval()
+    with pytest.raises(ValueError, match=r"Expected `layer` to name a module of the encoder .*'layer4'"):
+        disease_maps(model, torch.rand(1, 3, 32, 32), [1], CamSettings(layer="layer9"), any_disease=False)
 
 
 class _TinyNet(nn.Module):

@@ -296,10 +296,23 @@ def test_real_quality_is_fixed_per_image() -> None:
     assert all(c > 30 for c in counts)
 
 
-@pytest.mark.parametrize("name", ["default", "tiny", "real_gpu"])
+@pytest.mark.parametrize("name", ["default", "tiny", "real_gpu", "real_cpu"])
 def test_shipped_configs_load(name: str) -> None:
     from examples.chestxray.train import ChestXrayConfig
     from examples.common.config import load_config
 
     cfg = load_config(ChestXrayConfig, REPO / "examples" / "chestxray" / "configs" / f"{name}.yaml")
     assert cfg.run.method == "comcl"
+    if name == "real_cpu":
+        assert (cfg.data.source, cfg.run.device) == ("chestxray14", "cpu")
+        assert cfg.data.image_size <= 128
+
+
+def test_synthetic_source_with_a_real_root_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from examples.chestxray.train import main as chest_main
+
+    tiny = REPO / "examples" / "chestxray" / "configs" / "tiny.yaml"
+    args = ["--config", str(tiny), "--out", str(tmp_path / "r"), "--set", f"data.chestxray14.root={tmp_path}"]
+    assert chest_main(args) == 2
+    assert "data.source: is 'synthetic', but data.chestxray14.root is set" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

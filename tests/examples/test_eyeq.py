@@ -222,12 +222,15 @@ def test_real_eyeq_missing_image(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "are not in" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["default", "tiny", "real_gpu"])
+@pytest.mark.parametrize("name", ["default", "tiny", "real_gpu", "real_cpu"])
 def test_shipped_configs_load(name: str) -> None:
     from examples.common.config import load_config
     from examples.eyeq.train import EyeQConfig
 
     cfg = load_config(EyeQConfig, REPO / "examples" / "eyeq" / "configs" / f"{name}.yaml")
+    if name == "real_cpu":
+        assert (cfg.data.source, cfg.run.device) == ("eyeq", "cpu")
+        assert cfg.data.image_size <= 128
     if name == "real_gpu":
         assert (cfg.model.arch, cfg.pretrain.patch_size, cfg.pretrain.temperature) == ("resnet50", 128, 0.07)
         assert (cfg.pretrain.optim.lr, cfg.pretrain.optim.momentum, cfg.pretrain.optim.nesterov) == (0.02, 0.9, True)
