@@ -571,6 +571,30 @@ def test_identical_positives_closed_form(
     close(loss, total, dtype)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_candidates_read_only_the_bank_rows_they_name(impl: str, device: torch.device) -> None:
+    """With candidates for every level, unnamed rows (unfilled zero slots, even NaN) are never read."""
+    z, tags = two_views(3, 4, 5, torch.float64, device)
+    bank = randn((8, 4), 6, torch.float64, device)
+    bank[6] = 0.0  # an unfilled ring-buffer slot
+    bank[7] = float("nan")
+    bank_tags = ViewTags(kind=[1] * 8, quality=[0] * 8, source=list(range(10, 18))).to(device)
+    cand = torch.tensor([[0, 3, -1], [5, 5, 1], [-1, -1, -1], [2, 0, 4], [1, -1, 3], [4, 2, 0]], device=device)
+    loss, _ = multilevel_info_nce(z, tags, Level.instance(), 0.2, bank=(bank, bank_tags), candidates=cand, impl=impl)
+    compact, _ = multilevel_info_nce(
+        z, tags, Level.instance(), 0.2, bank=(bank[:6], bank_tags[:6]), candidates=cand, impl="reference"
+    )
+    close(loss, compact)
+    padding = torch.full_like(cand, -1)
+    loss, _ = multilevel_info_nce(z, tags, Level.instance(), 0.2, bank=(bank, bank_tags), candidates=padding, impl=impl)
+    no_bank, _ = multilevel_info_nce(z, tags, Level.instance(), 0.2, impl="reference")
+    close(loss, no_bank)
+    with pytest.raises(ValueError, match="finite `bank embeddings`"):
+        multilevel_info_nce(
+            z, tags, Level.instance(), 0.2, bank=(bank, bank_tags), candidates=cand.clamp_max(7) * 0 + 7
+        )
+
+
 def test_orthogonal_bank_counts_as_negatives(device: torch.device) -> None:
     z = orthogonal(9, torch.float64, device, seed=3)
     tags = ViewTags(kind=[1] * 4, quality=[0] * 4, source=[0, 0, 1, 1]).to(device)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+import mlcl_losses
 from mlcl_losses.functional import multilevel_info_nce
 from mlcl_losses.levels import Level, comcl_levels, level_masks
 from mlcl_losses.loss import MultiLevelContrastiveLoss
@@ -320,6 +326,32 @@ def test_index_negatives_are_each_levels_top_k_allowed_entries(k: int, with_labe
         assert int(stats[name].anchors) == int(expected_stats[name].anchors)
 
 
+def test_index_bank_handed_to_the_loss_is_the_unique_hits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loss receives only the searched rows (``U <= N k`` per level), renumbered, never the whole buffer."""
+    z, tags, index = _index_setup(n_bank=40, seed=3, with_label=False)
+    seen: dict[str, Any] = {}
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.update(kwargs)
+        return multilevel_info_nce(*args, **kwargs)
+
+    monkeypatch.setattr("mlcl_losses.loss.multilevel_info_nce", spy)
+    criterion = MultiLevelContrastiveLoss(comcl_levels(), temperature=0.2, index=index, k=4, impl="reference")
+    criterion(z, tags)
+    bank, bank_tags = seen["bank"]
+    hits = torch.cat([c[c >= 0] for c in seen["candidates"]])
+    assert bank.shape[0] == hits.unique().numel() < index.capacity
+    assert sorted(hits.unique().tolist()) == list(range(bank.shape[0]))  # every row used, none twice
+    assert bank.device == z.device
+    assert bank_tags.device == z.device
+    # the rows are the index's own: each hit's embedding is a slot of the buffer with the same tags
+    slots = (
+        torch.nn.functional.normalize(bank, dim=1) @ torch.nn.functional.normalize(index.embeddings[:40], dim=1).T
+    ).argmax(1)
+    torch.testing.assert_close(bank, index.embeddings[slots])
+    assert torch.equal(bank_tags.source, index.tags.source[slots])
+
+
 def test_index_with_k_covering_the_bank_equals_the_whole_bank() -> None:
     z, tags, index = _index_setup(n_bank=30, seed=0, with_label=False)
     levels = comcl_levels()
@@ -388,3 +420,31 @@ def test_cpu_index_serves_cuda_embeddings(impl: str) -> None:
     assert len(index) == len(cpu_index) == before + len(tags)
     torch.testing.assert_close(index.embeddings, cpu_index.embeddings, rtol=1e-6, atol=1e-6)
     assert torch.equal(index.tags.source, cpu_index.tags.source)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc (VmHWM reset)")
+def test_memory_with_an_index_does_not_grow_with_capacity() -> None:
+    """Peak resident memory of a step with an index is the same at 16k and 1M slots (a ratio, in subprocesses).
+
+    Only the ``N k`` rows the searches return are read, by the loss and by the functional given the
+    whole buffer with candidates; before, the bank was copied whole (twice: 256 MiB at 1M slots).
+    """
+    script = Path(__file__).with_name("loss_memory_case.py")
+    src = str(Path(mlcl_losses.__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+        "MALLOC_MMAP_THRESHOLD_": "65536",  # freed blocks go back to the OS, so VmHWM - VmRSS is the step's peak
+        "MALLOC_TRIM_THRESHOLD_": "65536",
+    }
+    growth = {}
+    for capacity in (1 << 14, 1 << 20):
+        done = subprocess.run(
+            [sys.executable, str(script), str(capacity)], capture_output=True, text=True, env=env, check=False
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        growth[capacity] = json.loads(done.stdout.strip().splitlines()[-1])["growth_kib"]
+    floor_kib = 4096  # below 4 MiB the growth is allocator noise; the 1M-slot buffer alone is 128 MiB
+    for mode in ("loss", "functional"):
+        ratio = (growth[1 << 20][mode] + floor_kib) / (growth[1 << 14][mode] + floor_kib)
+        assert ratio < 1.5, (mode, growth)

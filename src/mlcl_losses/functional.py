@@ -52,7 +52,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -157,7 +157,7 @@ def _check_temperature(temperature: object) -> None:
         raise ValueError(f"Expected `temperature` > 0 and finite, but got {temperature}")
 
 
-def _check_tags(tags: ViewTags, n: int, name: str) -> None:
+def _check_tags(tags: object, n: int, name: str) -> None:
     if not isinstance(tags, ViewTags):
         raise TypeError(f"Expected `{name}` to be a ViewTags, but got {type(tags).__name__}")
     if tags.kind.dim() != 1 or len(tags) != n:
@@ -240,23 +240,52 @@ def _bank_part(
     return cos, bank_negative_mask(tags, bank_tags[safe], level) & valid
 
 
-def _normalize_bank(raw: Tensor, candidates: object, n_levels: int, dtype: torch.dtype) -> Tensor:
-    """Normalised bank ``(M, D)``; with candidates for every level only the rows they use are read.
+def _check_candidates(candidates: list[Tensor | None], n: int, m: int) -> None:
+    for cand in candidates:
+        if cand is None:
+            continue
+        if not isinstance(cand, Tensor) or cand.dtype not in (torch.int64, torch.int32) or cand.dim() != 2:
+            raise TypeError("Expected `candidates` to be an int64 tensor of shape (N, k)")
+        if cand.shape[0] != n:
+            raise ValueError(f"Expected `candidates` with {n} rows (one per embedding), but got {cand.shape[0]}")
+        if cand.numel() and (int(cand.min()) < -1 or int(cand.max()) >= m):
+            raise ValueError(f"Expected `candidates` in [-1, {m - 1}], but got values outside")
 
-    An index's ring buffer holds unfilled (zero) slots that no search returns, so only the rows that
-    the candidates reference must be valid.
+
+def _prepare_bank(
+    raw: object, bank_tags: object, candidates: list[Tensor | None], z: Tensor
+) -> tuple[Tensor, ViewTags, list[Tensor | None]]:
+    """Validated, normalised bank on ``z``'s device, and the candidates that index it.
+
+    With candidates for every level only the rows they use are read: the bank becomes the
+    ``(U, D)`` unique hits and the candidates are renumbered into it, so the cost is
+    ``O(N k D)``, never ``O(M)`` (an index's ring buffer may hold millions of slots, unfilled
+    ones zero, which no search returns). Otherwise the whole bank is normalised.
     """
-    per_level = _per_level(candidates, n_levels, "candidates")
-    if any(c is None for c in per_level) or not all(isinstance(c, Tensor) for c in per_level):
-        return normalize_embeddings(raw, "bank embeddings").to(dtype)
+    n, d = z.shape
     if not isinstance(raw, Tensor) or raw.dim() != 2:
         raise ValueError(f"Expected bank embeddings of shape (M, D), but got {getattr(raw, 'shape', type(raw))}")
-    used = torch.cat([c.reshape(-1) for c in per_level])
-    used = torch.unique(used[used >= 0]).long().clamp_max(raw.shape[0] - 1)
-    out = raw.new_zeros(raw.shape, dtype=dtype)
-    if used.numel():
-        out = out.index_put((used,), normalize_embeddings(raw[used], "bank embeddings").to(dtype))
-    return out
+    if raw.shape[1] != d:
+        raise ValueError(f"Expected bank embeddings of dimension {d} (as `embeddings`), but got {raw.shape[1]}")
+    _check_tags(bank_tags, raw.shape[0], "bank tags")
+    tags_m = cast(ViewTags, bank_tags)
+    _check_candidates(candidates, n, raw.shape[0])
+    if any(cand is None for cand in candidates):
+        return normalize_embeddings(raw.to(z.device), "bank embeddings").to(z.dtype), tags_m.to(z.device), candidates
+    distinct = {id(cand): cand for cand in candidates if cand is not None}  # levels may share one tensor
+    flat = torch.cat([cand.reshape(-1).to(z.device, torch.int64) for cand in distinct.values()])
+    used = torch.unique(flat[flat >= 0])  # (U,) sorted
+    renumbered: dict[int, Tensor] = {}
+    for key, cand in distinct.items():
+        cand = cand.to(z.device, torch.int64)
+        renumbered[key] = torch.where(cand >= 0, torch.searchsorted(used, cand.clamp_min(0)), -1)
+    out: list[Tensor | None] = [None if cand is None else renumbered[id(cand)] for cand in candidates]
+    if used.numel() == 0:  # only padding: a placeholder row that no candidate names
+        zero = torch.zeros(1, dtype=torch.int64, device=z.device)
+        optional = {name: zero if getattr(tags_m, name) is not None else None for name in ("label", "image")}
+        return z.new_zeros(1, d), ViewTags(zero, zero, zero, **optional, validate=False), out
+    rows = normalize_embeddings(raw[used.to(raw.device)].to(z.device), "bank embeddings").to(z.dtype)
+    return rows, tags_m[used.to(tags_m.device)].to(z.device), out
 
 
 def multilevel_info_nce(
@@ -289,6 +318,8 @@ def multilevel_info_nce(
             filtered by each level's negative selector and the never-negative rules.
         candidates: per-anchor mined bank entries, ``(N, k)`` int64 indices into ``bank``
             (``-1`` = padding), for all levels or a sequence of one per level (``None`` = whole bank).
+            With candidates for every level only the bank rows they name are read (memory
+            ``O(N k D)``, whatever ``M``); the bank is brought to the embeddings' device.
         negative_weights: multiplies each negative's exponential term: a ``(N, N + C_b)``
             tensor (columns: batch, then bank or candidates), a callable
             :data:`NegativeWeightFn`, ``None``, or a sequence of these, one per level.
@@ -347,31 +378,15 @@ def multilevel_info_nce(
     if tags.device != z.device:
         raise ValueError(f"`embeddings` and `tags` must be on one device, got {z.device} and {tags.device}")
 
+    per_level_candidates = _per_level(candidates, len(levels), "candidates")
     bank_z: Tensor | None = None
     bank_tags: ViewTags | None = None
     if bank is not None:
         if not (isinstance(bank, (tuple, list)) and len(bank) == 2):
             raise TypeError("Expected `bank` to be a tuple (bank_embeddings (M, D), bank_tags (M,))")
-        raw_bank = bank[0]
-        if isinstance(raw_bank, Tensor) and raw_bank.dim() == 2 and raw_bank.shape[1] != d:
-            raise ValueError(
-                f"Expected bank embeddings of dimension {d} (as `embeddings`), but got {raw_bank.shape[1]}"
-            )
-        bank_tags = bank[1]
-        bank_z = _normalize_bank(raw_bank, candidates, len(levels), z.dtype)
-        _check_tags(bank_tags, bank_z.shape[0], "bank tags")
-    per_level_candidates = _per_level(candidates, len(levels), "candidates")
-    for cand in per_level_candidates:
-        if cand is None:
-            continue
-        if bank_z is None:
-            raise ValueError("`candidates` index into `bank`, but `bank` is None")
-        if not isinstance(cand, Tensor) or cand.dtype not in (torch.int64, torch.int32) or cand.dim() != 2:
-            raise TypeError("Expected `candidates` to be an int64 tensor of shape (N, k)")
-        if cand.shape[0] != n:
-            raise ValueError(f"Expected `candidates` with {n} rows (one per embedding), but got {cand.shape[0]}")
-        if cand.numel() and (int(cand.min()) < -1 or int(cand.max()) >= bank_z.shape[0]):
-            raise ValueError(f"Expected `candidates` in [-1, {bank_z.shape[0] - 1}], but got values outside")
+        bank_z, bank_tags, per_level_candidates = _prepare_bank(bank[0], bank[1], per_level_candidates, z)
+    elif any(cand is not None for cand in per_level_candidates):
+        raise ValueError("`candidates` index into `bank`, but `bank` is None")
     per_level_weights = _per_level(negative_weights, len(levels), "negative_weights")
 
     from mlcl_losses import _fused  # local import: the fused module imports this one

@@ -9,8 +9,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -195,62 +196,51 @@ class MultiLevelContrastiveLoss(nn.Module):
         return negative, next(iter(anchor_fns.values()))
 
     @torch.no_grad()
-    def _search(self, embeddings: Tensor, tags: ViewTags) -> list[Tensor | None]:
-        """Each level's ``(N, k)`` bank candidates (``-1`` padded; rows of non-anchors all ``-1``)."""
-        if self.index is None:
-            raise ValueError("This loss has no `index` to search")
-        out: list[Tensor | None] = []
-        for level in self.levels:
-            cand = torch.full((embeddings.shape[0], self.k), -1, dtype=torch.long, device=embeddings.device)
-            rows = level.anchors(tags).nonzero()[:, 0]
-            if level.bank_negatives and rows.numel() > 0 and len(self.index) > 0:
-                result = self.index.search(
-                    embeddings.detach()[rows],
-                    self.k,
-                    negatives=level,
-                    exclude_source=tags.source[rows],
-                    exclude_image=None if tags.image is None else tags.image[rows],
-                    exclude_label=None if (not level.needs_label or tags.label is None) else tags.label[rows],
-                )
-                cand[rows] = result.indices.to(cand.device)
-            out.append(cand)
-        return out
-
-    @torch.no_grad()
-    def _search_distributed(
+    def _search_bank(
         self, embeddings: Tensor, tags: ViewTags
     ) -> tuple[tuple[Tensor, ViewTags] | None, list[Tensor | None] | None]:
-        """Bank and candidates from all ranks' shards for the gathered batch (a collective).
+        """Each level's ``(N, k)`` bank candidates and the compact bank of their unique hits.
 
-        Every rank passes the same gathered batch, so the searches are replicated: each shard is
-        searched for all anchors, the per-shard top-k merge into the global top-k, and the unique
-        hits' embeddings are fetched from their shards into a compact bank.
+        One path for a single process and for ``gather_distributed=True``: every level with bank
+        negatives searches the index (under DDP all ranks' shards, a collective, the same gathered
+        batch on every rank) for its anchors; then the unique hits of all levels are fetched once
+        (from the local buffer, or from their shards) onto the embeddings' device, and the
+        candidates index that ``(U, D)`` bank (``-1`` = padding; rows of non-anchors all ``-1``).
+        The cost is ``O(N k D)``, whatever the index's capacity.
         """
-        from mlcl_losses.distributed import DistributedHardNegativeIndex
-
         if self.index is None:
             raise ValueError("This loss has no `index` to search")
-        sharded = DistributedHardNegativeIndex(self.index, self.process_group)
+        search: Callable[..., Any]
+        gather: Callable[[list[Any]], tuple[Tensor, ViewTags, list[Tensor]]]
+        if self.gather_distributed:
+            from mlcl_losses.distributed import DistributedHardNegativeIndex
+
+            sharded = DistributedHardNegativeIndex(self.index, self.process_group)
+            search = functools.partial(sharded.search, replicated=True)
+            gather = functools.partial(sharded.gather_hits, replicated=True)
+        else:
+            if len(self.index) == 0:
+                return None, None
+            search, gather = self.index.search, functools.partial(_gather_hits, self.index)
         results, rows_per_level = [], []
         for level in self.levels:
             rows = level.anchors(tags).nonzero()[:, 0]
             if not (level.bank_negatives and rows.numel() > 0):
                 continue
             results.append(
-                sharded.search(
+                search(
                     embeddings.detach()[rows],
                     self.k,
                     negatives=level,
                     exclude_source=tags.source[rows],
                     exclude_image=None if tags.image is None else tags.image[rows],
                     exclude_label=None if (not level.needs_label or tags.label is None) else tags.label[rows],
-                    replicated=True,
                 )
             )
             rows_per_level.append((level.name, rows))
         if not results:
             return None, None
-        bank, bank_tags, found = sharded.gather_hits(results, replicated=True)
+        bank, bank_tags, found = gather(results)
         if bank.shape[0] == 0:
             return None, None
         by_level = {name: (rows, cand) for (name, rows), cand in zip(rows_per_level, found, strict=True)}
@@ -306,11 +296,8 @@ class MultiLevelContrastiveLoss(nn.Module):
                     )
         bank: tuple[Tensor, ViewTags] | None = None
         candidates: list[Tensor | None] | None = None
-        if self.gather_distributed and self.index is not None:
-            bank, candidates = self._search_distributed(embeddings, tags)
-        elif self.index is not None and len(self.index) > 0:
-            candidates = self._search(embeddings, tags)
-            bank = (self.index.embeddings, self.index.tags)
+        if self.index is not None:
+            bank, candidates = self._search_bank(embeddings, tags)
         loss, stats = multilevel_info_nce(
             embeddings,
             tags,
@@ -335,3 +322,18 @@ class MultiLevelContrastiveLoss(nn.Module):
         """Levels and temperature."""
         extra = ", gather_distributed=True" if self.gather_distributed else ""
         return f"levels={[level.name for level in self.levels]}, temperature={self.temperature}{extra}"
+
+
+def _gather_hits(index: HardNegativeIndex, results: list[Any]) -> tuple[Tensor, ViewTags, list[Tensor]]:
+    """The unique hits of some searches of one index: ``(bank (U, D), bank_tags (U,), candidates)``.
+
+    The single-process counterpart of
+    :meth:`~mlcl_losses.distributed.DistributedHardNegativeIndex.gather_hits`: only the ``U``
+    rows the results name are read (on the index's device), and each result's ``(N_i, k)`` slot
+    indices become indices into them (``-1`` where padded).
+    """
+    slots = [result.indices for result in results]
+    flat = torch.cat([s.reshape(-1) for s in slots])
+    used = torch.unique(flat[flat >= 0])  # (U,) sorted slots
+    candidates = [torch.where(s >= 0, torch.searchsorted(used, s.clamp_min(0)), -1) for s in slots]
+    return index.embeddings[used], index.tags[used], candidates
