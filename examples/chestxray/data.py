@@ -19,7 +19,8 @@ layout, ``boxes_json`` / ``boxes_split``); only images of the train list are use
 list is mostly test images, which pre-training must not see). Healthy patches come from regions away
 from the boxes and from ``No Finding`` training images (``healthy_images`` of them).
 
-Images are grayscale; they are repeated to 3 channels for the torchvision ResNet encoder.
+Images are grayscale; they are repeated to 3 channels for the encoder, whichever backbone family it
+is (torchvision ResNet or timm model): both see the same tensors.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ class ChestXrayDataConfig:
 
 
 def _rgb(gray: Tensor) -> Tensor:
-    """``(1, H, W)`` -> ``(3, H, W)`` (the encoder takes 3 channels)."""
+    """``(1, H, W)`` -> ``(3, H, W)`` (every encoder, torchvision or timm, takes 3 channels)."""
     return gray.expand(3, -1, -1).contiguous()
 
 

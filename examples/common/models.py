@@ -8,7 +8,8 @@ file (nothing is downloaded), both returning pooled ``(B, F)`` features with ``e
   CPU: width 0.25 gives stages of 16-32-64-128 channels.
 - any `timm <https://huggingface.co/docs/timm>`_ model by name (``arch`` ``"timm:<name>"``, e.g.
   ``"timm:resnet50"``, ``"timm:convnext_tiny"``, ``"timm:efficientnet_b0"``), built with
-  ``num_classes=0`` (timm's pooled-feature form); ``F`` is the model's ``num_features``.
+  ``num_classes=0`` (timm's pooled-feature form); ``F`` is the model's ``head_hidden_size``
+  (its ``num_features``, or the width of its pre-logits layer where it has one).
 
 Both take 3-channel input; the ChestX-ray pipeline repeats its grayscale images to three channels
 for either family, so a torchvision and a timm encoder see the same tensors.
@@ -125,7 +126,9 @@ def _timm_encoder(name: str, weights: str | os.PathLike[str] | None) -> nn.Modul
     """timm model ``name`` without its classifier; ``weights``: a local file with timm's key names."""
     timm = _import_timm()
     encoder = timm.create_model(name, pretrained=False, num_classes=0)  # random init: nothing downloaded
-    encoder.out_dim = encoder.num_features
+    # the width of what forward() returns without a classifier: num_features, or the pre-logits layer's
+    # width for models that have one (MobileNetV3: 576 -> 1024)
+    encoder.out_dim = encoder.head_hidden_size
     if weights is None:
         return encoder
     # timm's reader: torch.load(weights_only=True) or safetensors; unwraps "state_dict" / "model"

@@ -23,13 +23,17 @@ TINY = REPO / "examples" / "chestxray" / "configs" / "tiny.yaml"
 SMALL_TIMM = ["test_resnet", "test_efficientnet"]
 
 
-@pytest.mark.parametrize("name", SMALL_TIMM)
-def test_timm_encoder_and_head_size(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "dim"),
+    [("test_resnet", 96), ("test_efficientnet", 256), ("mobilenetv3_small_050", 1024)],
+    ids=["resnet", "efficientnet", "mobilenetv3-pre-logits"],  # MobileNetV3: 288 channels, then a 1024 layer
+)
+def test_timm_encoder_and_head_size(name: str, dim: int) -> None:
     encoder = build_encoder(f"timm:{name}")
-    reference = timm.create_model(name, pretrained=False, num_classes=0)
-    assert encoder.out_dim == reference.num_features
+    assert encoder.out_dim == dim
+    assert encoder.eval()(torch.rand(2, 3, 32, 32)).shape == (2, dim)
     model = ContrastiveModel(encoder, proj_hidden=16, proj_dim=8)
-    assert model.head.net[0].in_features == reference.num_features
+    assert model.head.net[0].in_features == dim
     assert model(torch.rand(3, 3, 32, 32)).shape == (3, 8)
 
 
@@ -52,7 +56,7 @@ def test_timm_in_the_chestxray_pretraining_step(name: str, cache_dir: Path) -> N
     torch.manual_seed(0)
     encoder = build_encoder(cfg.model.arch, cfg.model.width, cfg.model.weights)
     model = ContrastiveModel(encoder, cfg.model.proj_hidden, cfg.model.proj_dim)
-    assert model.head.net[0].in_features == timm.create_model(name, num_classes=0).num_features
+    assert model.head.net[0].in_features == timm.create_model(name, num_classes=0).head_hidden_size
     state = build_pretrain("comcl", model, cfg.pretrain, cfg.model.proj_dim, 1, torch.device("cpu"))
     before = [p.detach().clone() for p in encoder.parameters()]
     stats = pretrain_epoch(state, [batch], cfg.pretrain, torch.device("cpu"), seed=0)
@@ -78,6 +82,17 @@ def test_timm_weights_file(tmp_path: Path) -> None:
         build_encoder("timm:test_resnet", weights=tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="do not fit timm:test_efficientnet"):
         build_encoder("timm:test_efficientnet", weights=path)
+
+
+def test_timm_weights_safetensors(tmp_path: Path) -> None:
+    from safetensors.torch import save_file  # a dependency of timm
+
+    full = timm.create_model("test_efficientnet", pretrained=False, num_classes=3)
+    path = tmp_path / "w.safetensors"
+    save_file(full.state_dict(), str(path))
+    loaded = build_encoder("timm:test_efficientnet", weights=path)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, full.state_dict()[key]), key
 
 
 class _NotATensor:
