@@ -15,9 +15,12 @@ side, dropped above a maximum side, and reduced by non-maximum suppression
 (:func:`torchvision.ops.nms`).
 
 Resolution: a ResNet's last stage (stride 32) is 3 x 3 at the pipelines' 96 px, coarser than any
-lesion. Maps are therefore computed at an earlier stage (``layer3``: stride 16, ``layer2``: stride 8)
-and on the image resized to ``cam_size`` (the network is fully convolutional up to its global pool),
-so a lesion spans several cells; see examples/eyeq/RESULTS.md for the measured quality.
+lesion. Maps are therefore computed at an earlier stage (``layer1``: stride 4, the default;
+``layer2``: stride 8; ``layer3``: stride 16) and on the image resized to ``cam_size`` (the network is
+fully convolutional up to its global pool), so a lesion spans several cells. On the synthetic fundus
+data ``layer1`` at twice the input size was the best of the settings measured, and still poor: it
+finds bright lesions (exudates, cotton-wool spots) and almost never red ones (microaneurysms,
+haemorrhages); see examples/eyeq/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class CamSettings:
         max_boxes: boxes kept per map (the highest scored).
     """
 
-    layer: str = "layer3"
+    layer: str = "layer1"
     cam_size: int | None = None
     thresholds: tuple[float, ...] = (0.5,)
     min_size: float = 8.0

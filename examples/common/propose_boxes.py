@@ -145,8 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="split name in the JSON (default: train)")
     p.add_argument(
         "--layer",
-        default="layer3",
-        help=f"encoder module of the map: a ResNet stage {', '.join(LAYERS)} (default layer3) or a timm module name",
+        default="layer1",
+        help=f"encoder module of the map: a ResNet stage {', '.join(LAYERS)} (default layer1) or a timm module name",
     )
     p.add_argument(
         "--cam-size", type=int, default=None, help="side the image is resized to for the map (default: 2x image_size)"
