@@ -99,13 +99,25 @@ def build_parser(spec: PipelineCLI) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value (repeatable), e.g. --set pretrain.epochs=3",
     )
-    p.add_argument("--out", type=Path, default=None, help="output directory (default: run.out of the config)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (default: run.out of the config, or the next free run.out-2, -3, ... "
+        "when it holds a run)",
+    )
     p.add_argument(
         "--method", choices=METHOD_CHOICES, default=None, help="method of a single run (default: run.method)"
     )
     p.add_argument("--seed", type=int, default=None, help="seed (default: run.seed)")
-    p.add_argument(
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument(
         "--resume", action="store_true", help="continue from OUT/checkpoint.pt (with --compare: skip finished runs)"
+    )
+    existing.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in OUT (its checkpoint, metrics and logs are deleted)",
     )
     p.add_argument(
         "--compare",
@@ -173,6 +185,68 @@ def _main(spec: PipelineCLI, args: argparse.Namespace) -> int:
         ddp.teardown()
 
 
+def _choose_out(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, say: Callable[..., None]) -> Path | None:
+    """The output directory; ``None`` when a resumed run is already finished (nothing to do).
+
+    Nothing is written here, so a command refused here changes nothing on disk.
+    """
+    from examples.common.rundir import holds_run, next_free_dir, run_markers
+
+    out = args.out if args.out is not None else Path(cfg.run.out)
+    single = not args.compare and args.seeds == 1
+    if args.resume:
+        if single and (out / "metrics.json").is_file():
+            say(f"{out} holds a finished run (metrics.json); nothing to resume, nothing changed")
+            return None
+        if single and not (out / "checkpoint.pt").is_file():
+            raise CheckpointError(f"no checkpoint to resume from at {out / 'checkpoint.pt'}")
+        if not single and (out / "compare.json").is_file():
+            summary = json.loads((out / "compare.json").read_text(encoding="utf-8"))
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.compare else [cfg.run.method]
+            seeds = [cfg.run.seed + i for i in range(args.seeds)]
+            if all(m in summary and len(summary[m].get("runs", [])) == len(seeds) for m in methods) and all(
+                (out / m / f"seed{s}" / "metrics.json").is_file() for m in methods for s in seeds
+            ):
+                say(f"{out} holds a finished comparison (compare.json); nothing to resume, nothing changed")
+                return None
+        return out
+    if not holds_run(out) or args.overwrite:
+        return out
+    if args.out is not None:
+        shown = ", ".join(str(p.relative_to(out)) for p in run_markers(out)[:3])
+        raise ConfigError(
+            f"--out {out} already holds a run ({shown}); pass --resume to continue it "
+            "or --overwrite to replace it (or choose another --out)"
+        )
+    fresh = next_free_dir(out)
+    say(f"{out} holds an earlier run; writing this one to {fresh}")
+    return fresh
+
+
+def _header(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, out: Path) -> str:
+    import torch
+
+    config = args.config or spec.default_config
+    try:
+        config = Path(config).resolve().relative_to(Path.cwd())
+    except ValueError:
+        pass
+    sets = f" (+ --set {' --set '.join(args.overrides)})" if args.overrides else ""
+    method = f"compare {args.methods}" if args.compare else cfg.run.method
+    seeds = f"{cfg.run.seed}..{cfg.run.seed + args.seeds - 1}" if args.seeds > 1 else str(cfg.run.seed)
+    return "\n".join(
+        [
+            f"{spec.name} pipeline ({spec.prog})",
+            f"  config         {config}{sets}",
+            f"  method         {method}",
+            f"  seed           {seeds}",
+            f"  device         {cfg.run.device}",
+            f"  torch threads  {torch.get_num_threads()}",
+            f"  output         {out}{'  (resuming)' if args.resume else ''}",
+        ]
+    )
+
+
 def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[str], is_main: bool = True) -> int:
     import yaml
 
@@ -180,13 +254,24 @@ def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[st
     from examples.common.compare import run_comparison
     from examples.common.pipeline import RunOptions, encoder_fingerprint, run_fingerprint, run_pipeline
     from examples.common.protocol import machine_description, pretrain_folder, pretrain_identity
+    from examples.common.report import plot_run
+    from examples.common.rundir import clear_run
     from examples.common.runlog import write_json
 
-    out = args.out or Path(cfg.run.out)
     say = print if is_main else (lambda *_args, **_kwargs: None)  # under torchrun rank 0 speaks and writes
+    chosen = _choose_out(spec, args, cfg, say)
+    ddp.barrier()  # every rank has chosen the directory before rank 0 writes into it
+    if chosen is None:
+        return 0
+    out = chosen
+    say(_header(spec, args, cfg, out))
     if is_main:
+        if args.overwrite:
+            clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+        if not (args.resume and (out / "config.yaml").is_file()):  # a resumed run keeps its configuration file
+            (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    ddp.barrier()
     identity = config_to_dict(cfg)
     identity.pop("run")
     identity.update(spec.identity)
@@ -266,6 +351,9 @@ def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[st
                 say(f"stopped after {args.stop_after_epochs} epoch(s); continue with --resume --out {out}")
                 return 0
             say(task.summary(metrics, groups))
+            if is_main:
+                plot_run(out, metrics, groups, task, title=f"{spec.name}: {cfg.run.method}, seed {seeds[0]}")
+                say(f"wrote {out / 'summary.png'} ({task.headline_title} per image quality, loss curves)")
         else:
             results = run_comparison(cached, [cfg.run.method], seeds, out, groups, task=task, write=is_main, meta=meta)
             say(task.summary(results[cfg.run.method], groups))

@@ -452,6 +452,10 @@ def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, overri
     try:
         cfg = from_dict(cls, tree)
     except ConfigError as err:
+        key = str(err).split(":", 1)[0]
+        given = [o for o in overrides if o.split("=", 1)[0].strip() == key]
+        if given:  # the bad value came from the command line, not from the file
+            raise ConfigError(f"--set {given[-1]}: {err}") from None
         raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
     validate = getattr(cfg, "validate", None)
     if callable(validate):

@@ -28,7 +28,8 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
     multilabel_auroc,
 )
-from tqdm.auto import tqdm
+
+from examples.common.runlog import progress
 
 __all__ = [
     "METRICS",
@@ -97,7 +98,7 @@ def predict(
     """
     model.eval()
     probs, targets, groups = [], [], []
-    for images, target, group in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True):
+    for images, target, group in progress(batches, desc):
         probs.append(activation(model(images.to(device)).float()).cpu())
         targets.append(target)
         groups.append(group)

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from examples.common import ddp
 from examples.common.config import FinetuneConfig
 from examples.common.models import Classifier
 from examples.common.pretrain import build_optimizer
+from examples.common.runlog import progress
 from mlcl_losses.degrade import mix_seed
 
 __all__ = [
@@ -165,7 +165,7 @@ def finetune_epoch(
     if frozen:
         state.model.encoder.eval()
     total, correct, scored, count = 0.0, 0, 0, 0
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    bar = progress(loader, desc)
     for images, target, _group in bar:
         images, target = images.to(device, non_blocking=True), prepare_target(target.to(device))
         if frozen:

@@ -81,6 +81,7 @@ class RunOptions:
     tensorboard: bool = True
     resume: bool = False
     stop_after_epochs: int | None = None  # simulate an interruption (tests)
+    overwrite: bool = False  # a fresh run may replace the run already in the directory
 
 
 def _loader(
@@ -215,12 +216,20 @@ def run_pipeline(
     (returning ``{"method", "seed", "encoder", "fingerprint"}``); ``encoder_file`` skips pre-training
     and starts fine-tuning from such a file.
 
+    A fresh run (``options.resume`` False) refuses a directory that already holds a checkpoint or
+    ``metrics.json`` unless ``options.overwrite``; resuming a finished run returns its metrics and
+    changes nothing.
+
     Args:
         method: ``"ce"`` (no pre-training) or one of :data:`~examples.common.pretrain.PRETRAIN_METHODS`.
         identity: the full configuration; a resumed run must have the same one.
         task: the fine-tuning loss, prediction and metrics (default :class:`~examples.common.task.SingleLabelTask`).
         encoder_file: an ``encoder.pt`` of a ``pretrain_only`` run of the same method and seed.
         pretrain_only: pre-train and save the encoder, no fine-tuning (not for ``"ce"``).
+
+    Raises:
+        CheckpointError: nothing to resume from, a checkpoint of another run, a corrupted checkpoint, or
+            a fresh run asked to write over an existing one.
     """
     task = task if task is not None else SingleLabelTask()
     if method not in METHODS:
@@ -228,7 +237,17 @@ def run_pipeline(
     if pretrain_only and (method == "ce" or encoder_file is not None):
         raise ValueError(f"`pretrain_only` needs a pre-training method and no `encoder_file`, got {method!r}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    job = ddp.info()
+    say = tqdm.write if job.is_main else (lambda *_args, **_kwargs: None)
+    if options.resume and (out / "metrics.json").is_file():
+        say(f"[{method}] {out} is a finished run; nothing to resume, nothing changed")
+        return dict(json.loads((out / "metrics.json").read_text(encoding="utf-8")))
+    old = [out / name for name in ("checkpoint.pt", "metrics.json") if (out / name).is_file()]
+    if not options.resume and old and not options.overwrite:
+        raise CheckpointError(
+            f"{out} already holds a run ({', '.join(p.name for p in old)}); pass --resume to continue it "
+            "or --overwrite to replace it"
+        )
     device = torch.device(options.device)
     ckpt_path = out / "checkpoint.pt"
     pretrained = None if encoder_file is None else load_encoder(encoder_file, method, options.seed)
@@ -237,8 +256,6 @@ def run_pipeline(
     )
     seed = options.seed
     seed_everything(seed)
-    job = ddp.info()
-    say = tqdm.write if job.is_main else (lambda *_args, **_kwargs: None)
     ddp.local_batch(pretrain_cfg.batch_images, "pretrain.batch_images")  # divisible by the processes
     ddp.local_batch(finetune_cfg.batch_size, "finetune.batch_size")
     for name, dataset in (("training", data.train), ("test", data.test)):
@@ -267,6 +284,7 @@ def run_pipeline(
 
     stage, done = "pretrain", 0  # next stage, epochs of it completed
     fine = None
+    times: dict[str, float] = {}  # seconds per stage, over every session of the run
     if options.resume:
         # on the CPU: the RNG states must stay CPU byte tensors; load_state_dict copies onto the device
         state = load_checkpoint(ckpt_path, map_location="cpu")
@@ -291,19 +309,21 @@ def run_pipeline(
             classifier = Classifier(contrastive.encoder, data.num_classes).to(device)
             fine = build_finetune(classifier, finetune_cfg, train_steps)
             fine.load_state_dict(state["finetune"])
+        times = {str(k): float(v) for k, v in state.get("times", {}).items()}
         set_rng_state(state["rng"])
         say(f"resuming {method} from {ckpt_path}: {stage} epoch {done}")
-    elif ckpt_path.exists():
-        ddp.barrier()  # every rank has seen that this is a fresh run before rank 0 removes the old file
+    elif old:  # options.overwrite: the user asked to replace the run
+        ddp.barrier()  # every rank has seen that this is a fresh run before rank 0 removes the old files
         if job.is_main:
-            ckpt_path.unlink()
+            for path in old:
+                path.unlink()
 
-    log = RunLogger(out, tensorboard=options.tensorboard, enabled=job.is_main)
+    out.mkdir(parents=True, exist_ok=True)
+    log = RunLogger(out, tensorboard=options.tensorboard, enabled=job.is_main, fresh=not options.resume)
     if options.resume:  # drop rows of epochs this run repeats
         order = _STAGES[stage]
         log.truncate(lambda s, e: _STAGES.get(s, 0) < order or (_STAGES.get(s, 0) == order and e < done))
     epochs_run = 0
-    times: dict[str, float] = {}
 
     def checkpoint(stage_name: str, epoch: int, payload: dict[str, Any]) -> bool:
         nonlocal epochs_run
@@ -320,6 +340,7 @@ def run_pipeline(
                     "method": method,
                     "stage": stage_name,
                     "epoch": epoch,
+                    "times": dict(times),
                     **payload,
                 },
             )
@@ -329,8 +350,8 @@ def run_pipeline(
 
     try:
         if stage == "pretrain" and pre is not None:
-            t0 = time.perf_counter()
             for epoch in range(done, pre_epochs):
+                t0 = time.perf_counter()
                 data.views.set_epoch(epoch)
                 loader = _loader(
                     data.views,
@@ -354,9 +375,9 @@ def run_pipeline(
                 stats = ddp.mean_over_ranks(stats)
                 log.scalars("pretrain", epoch, pre.step, stats)
                 say(f"[{method}] pretrain epoch {epoch + 1}/{pre_epochs}: loss {stats.get('loss', float('nan')):.4f}")
+                times["pretrain_s"] = times.get("pretrain_s", 0.0) + time.perf_counter() - t0
                 if checkpoint("pretrain", epoch + 1, {"pretrain": pre.state_dict()}):
                     return None
-            times["pretrain_s"] = time.perf_counter() - t0
             stage, done = "finetune", 0
         if pretrain_only:  # the encoder after the last pre-training epoch (restored when resumed)
             return _save_encoder(out, contrastive, method, seed, fingerprint, times, job.is_main)
@@ -368,8 +389,8 @@ def run_pipeline(
             classifier.fc.reset_parameters()
             fine = build_finetune(classifier, finetune_cfg, train_steps)
         pre = None  # free the bank
-        t0 = time.perf_counter()
         for epoch in range(done, finetune_cfg.epochs):
+            t0 = time.perf_counter()
             data.train.set_epoch(epoch)
             loader = _loader(
                 data.train,
@@ -388,11 +409,11 @@ def run_pipeline(
             log.scalars("finetune", epoch, fine.step, stats)
             say(
                 f"[{method}] finetune epoch {epoch + 1}/{finetune_cfg.epochs}: "
-                f"loss {stats['loss']:.4f} acc {stats['accuracy']:.3f}"
+                f"loss {stats['loss']:.4f}  train accuracy {stats['accuracy']:.3f}"
             )
+            times["finetune_s"] = times.get("finetune_s", 0.0) + time.perf_counter() - t0
             if checkpoint("finetune", epoch + 1, {"finetune": fine.state_dict()}):
                 return None
-        times["finetune_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         ddp.check_in_sync(fine.model, "the fine-tuned model")
         test_loader = _loader(data.test, 2 * finetune_cfg.batch_size, False, 0, options.num_workers)

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from examples.common import ddp
 from examples.common.config import OptimConfig, PretrainConfig
 from examples.common.models import ContrastiveModel, momentum_copy, momentum_update
+from examples.common.runlog import progress
 from mlcl_losses import Level, MultiLevelContrastiveLoss, PaceSchedule, SelfPacedWeighting, ViewTags, comcl_levels
 from mlcl_losses.tags import Kind, Quality
 from mlcl_losses.views import LightAugment
@@ -208,7 +208,7 @@ def pretrain_epoch(
     gen = torch.Generator().manual_seed(seed)
     sums: dict[str, float] = {}
     count = 0
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    bar = progress(loader, desc)
     for views, tags in bar:
         if state.method in ("simclr", "supcon"):
             views, tags = two_view_batch(views, tags, augment, gen)

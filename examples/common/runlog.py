@@ -1,4 +1,4 @@
-"""Metrics of a run: a CSV of scalars, JSON files and TensorBoard."""
+"""Metrics of a run: a CSV of scalars, JSON files, TensorBoard, and progress bars that stay out of log files."""
 
 from __future__ import annotations
 
@@ -6,10 +6,32 @@ import csv
 import json
 import math
 import os
+import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["RunLogger", "jsonable", "write_json"]
+from tqdm.auto import tqdm
+
+__all__ = ["RunLogger", "jsonable", "progress", "show_progress", "write_json"]
+
+T = TypeVar("T")
+
+
+def show_progress() -> bool:
+    """Whether progress bars are drawn: only on a terminal (stderr is a TTY), and only by rank 0 of a job.
+
+    A redirected log gets no bars (every refresh would be a line); the pipelines print one summary
+    line per epoch instead. ``TQDM_DISABLE=1`` turns bars off on a terminal too.
+    """
+    if os.environ.get("RANK", "0") != "0" or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes"):
+        return False
+    return sys.stderr.isatty()
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None, leave: bool = False) -> Any:
+    """``items`` in a tqdm bar, drawn only when :func:`show_progress` says so (``set_postfix`` always works)."""
+    return tqdm(items, desc=desc, total=total, leave=leave, dynamic_ncols=True, disable=not show_progress())
 
 
 def jsonable(value: Any) -> Any:
@@ -44,11 +66,15 @@ class RunLogger:
         out_dir: run directory.
         tensorboard: also write TensorBoard events under ``DIR/tensorboard``.
         enabled: False makes every method a no-op (the ranks other than 0 of a multi-process run).
+        fresh: start a new CSV (rows of an earlier attempt that left no checkpoint are dropped);
+            False appends to an existing one (a resumed run).
     """
 
     FIELDS = ("stage", "epoch", "step", "name", "value")
 
-    def __init__(self, out_dir: str | os.PathLike[str], tensorboard: bool = True, enabled: bool = True) -> None:
+    def __init__(
+        self, out_dir: str | os.PathLike[str], tensorboard: bool = True, enabled: bool = True, fresh: bool = False
+    ) -> None:
         self.enabled = enabled
         self._writer = None
         if not enabled:
@@ -56,7 +82,7 @@ class RunLogger:
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.dir / "scalars.csv"
-        if not self.csv_path.exists():
+        if fresh or not self.csv_path.exists():
             with self.csv_path.open("w", newline="", encoding="utf-8") as f:
                 csv.writer(f).writerow(self.FIELDS)
         if tensorboard:

@@ -5,7 +5,8 @@ configuration (``config``; runs written before it was stored have ``config.yaml`
 checkpoint instead). :func:`load_trained` rebuilds the classifier from that configuration
 (architecture, width, number of classes) and returns it with what is needed to feed it images:
 the pipeline, the input size and the channel handling. The file is read with
-``torch.load(weights_only=True)``: it cannot run code.
+:func:`~examples.common.checkpoint.load_checkpoint` (``weights_only=True``, digest checked): it cannot
+run code, and a corrupted file is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from examples.common import datasets as ds
-from examples.common.checkpoint import CheckpointError
+from examples.common.checkpoint import CheckpointError, load_checkpoint
 from examples.common.models import Classifier, build_encoder
 
 __all__ = ["PIPELINES", "TrainedModel", "load_trained", "read_checkpoint"]
@@ -108,29 +109,20 @@ def load_model_input(path: str | os.PathLike[str], channels: int, size: int) -> 
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
-    """Read a run's checkpoint with ``weights_only=True``; ``path`` is the file or the run directory.
+    """Read a run's checkpoint with :func:`~examples.common.checkpoint.load_checkpoint`; ``path`` is the file or the run directory.
+
+    Both levels of the file are read with ``weights_only=True`` and its SHA-256 digest is checked.
 
     Raises:
-        CheckpointError: no checkpoint there, or a file that is not one of the example pipelines'.
+        CheckpointError: no checkpoint there, a file that is not one of the example pipelines', one of
+            another format version, or a corrupted one.
     """
-    import numpy as np
-
     p = Path(path)
     if p.is_dir():
         p = p / "checkpoint.pt"
     if not p.is_file():
         raise CheckpointError(f"no checkpoint at {p}")
-    # Checkpoints of format version 1 hold NumPy's RNG state: allow exactly the NumPy array
-    # reconstruction (no other callable); torch's restricted unpickler still refuses any other global.
-    numpy_array = [np.dtype, np.ndarray, np.dtypes.UInt32DType, getattr(np, "_core", np.core).multiarray._reconstruct]
-    try:
-        with torch.serialization.safe_globals(numpy_array):
-            state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a corrupt or unsafe file
-        raise CheckpointError(f"cannot read checkpoint {p} weights-only ({type(err).__name__}: {err})") from err
-    if not isinstance(state, dict) or state.get("format") != "mlcl_losses.examples.checkpoint":
-        raise CheckpointError(f"{p} is not a checkpoint of the example pipelines")
-    return p, state
+    return p, load_checkpoint(p)
 
 
 def _config(p: Path, state: dict[str, Any]) -> dict[str, Any]:

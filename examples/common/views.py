@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from examples.common.checkpoint import write_durably
+from examples.common.runlog import progress
 from mlcl_losses.degrade import mix_seed
 from mlcl_losses.views import FourViewDataset, FourViewRecord
 
@@ -127,7 +129,8 @@ def render_cached(
     Items are dicts with the same keys. Tensors are stacked along a new first dimension (``view_degraded``,
     ``(copies, ...)`` per item, along dimension 1: ``(copies, N, ...)``), numbers become a tensor and the
     keys in ``listed`` (e.g. a variable number of boxes) stay lists. With ``workers > 1`` the items are
-    rendered in a process pool. The file is written atomically; an unreadable one is rendered again.
+    rendered in a process pool. The file is written atomically and synced to disk (as a checkpoint
+    is); an unreadable one is rendered again.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
@@ -135,15 +138,13 @@ def render_cached(
             return torch.load(path, weights_only=True)
         except Exception as err:  # a corrupt cache file is re-rendered
             logger.warning("re-rendering unreadable cache %s (%s)", path, err)
-    from tqdm.auto import tqdm
-
     n = len(jobs)
     if workers > 1:
         ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
         with ctx.Pool(workers) as pool:
-            items = list(tqdm(pool.imap(render_one, jobs, chunksize=4), total=n, desc=desc, dynamic_ncols=True))
+            items = list(progress(pool.imap(render_one, jobs, chunksize=4), desc, total=n, leave=True))
     else:
-        items = [render_one(j) for j in tqdm(jobs, desc=desc, dynamic_ncols=True)]
+        items = [render_one(j) for j in progress(jobs, desc, leave=True)]
     data: dict[str, Any] = {}
     for key in items[0]:
         values = [it[key] for it in items]
@@ -155,7 +156,5 @@ def render_cached(
             data[key] = torch.stack(values)
         else:
             data[key] = torch.tensor(values)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)
+    write_durably(path, lambda f: torch.save(data, f))  # as durable as a checkpoint
     return data

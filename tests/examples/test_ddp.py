@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from examples.common import ddp
+from examples.common.checkpoint import load_checkpoint
 from examples.common.pipeline import _steps
 from examples.eyeq.train import main
 from pipeline_helpers import read_metrics, run_tiny
@@ -62,7 +63,7 @@ def test_two_processes_run_one_tiny_epoch_of_each_stage(two_process_run: tuple[P
 
 def test_final_checkpoint_records_the_number_of_processes(two_process_run: tuple[Path, str]) -> None:
     out, _ = two_process_run
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = load_checkpoint(out / "checkpoint.pt")
     assert state["world_size"] == 2
     assert state["stage"] == "finetune"
     assert not list(out.glob(".checkpoint*"))  # no temporary file left behind
@@ -70,7 +71,7 @@ def test_final_checkpoint_records_the_number_of_processes(two_process_run: tuple
 
 def test_pretraining_checkpoint_holds_one_index_shard_per_rank(tmp_path: Path, cache_dir: Path) -> None:
     torchrun(tmp_path / "cut", cache_dir, "--stop-after-epochs", "1")
-    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert state["stage"] == "pretrain"
     assert state["world_size"] == 2
     shards = state["criterion_shards"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from examples.common.checkpoint import load_checkpoint
 from examples.common.datasets import SplitBoxes, write_boxes_json
 from examples.eyeq.train import main
 from PIL import Image
@@ -32,9 +33,16 @@ def _check_metrics(m: dict) -> None:
         assert METRIC_KEYS <= set(group)
 
 
-def test_smoke_full_pipeline(tmp_path: Path, cache_dir: Path) -> None:
+def test_smoke_full_pipeline(tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     assert main(["--config", str(TINY), "--out", str(out), "--set", f"data.synthetic.cache_dir={cache_dir}"]) == 0
+    printed = capsys.readouterr()
+    for line in ("config         ", "method         comcl", "seed           0", "device         cpu", "torch threads"):
+        assert line in printed.out  # the header
+    assert f"output         {out}" in printed.out
+    assert "train accuracy" in printed.out
+    assert "\r" not in printed.err  # no progress bars in redirected output
+    assert (out / "summary.png").stat().st_size > 1000
     _check_metrics(_metrics(out))
     assert (out / "checkpoint.pt").is_file()
     assert (out / "config.yaml").is_file()
@@ -51,6 +59,8 @@ def test_resume_equals_uninterrupted(tmp_path: Path, cache_dir: Path) -> None:
     assert not (tmp_path / "cut" / "metrics.json").exists()
     assert _run(tmp_path / "cut", cache_dir, *args, "--resume") == 0
     assert _metrics(tmp_path / "full") == _metrics(tmp_path / "cut")
+    timing = json.loads((tmp_path / "cut" / "timing.json").read_text())
+    assert {"pretrain_s", "finetune_s", "evaluate_s"} <= set(timing)  # the first session's time is kept
 
 
 @pytest.mark.slow
@@ -59,7 +69,7 @@ def test_resume_mid_pretraining_equals_uninterrupted(tmp_path: Path, cache_dir: 
     args = ["--set", "pretrain.epochs=2", "--set", "finetune.epochs=1"]
     assert _run(tmp_path / "full", cache_dir, *args) == 0
     assert _run(tmp_path / "cut", cache_dir, *args, "--stop-after-epochs", "1") == 0
-    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert state["stage"] == "pretrain"
     assert state["epoch"] == 1
     criterion = state["pretrain"]["criterion"]
@@ -95,6 +105,7 @@ def test_seeds_report_mean_and_std(tmp_path: Path, cache_dir: Path) -> None:
         (["--config", "/nonexistent/cfg.yaml"], "does not exist"),
         (["--set", "pretrain.epoch=2"], "did you mean 'epochs'"),
         (["--set", "finetune.batch_size=0"], "finetune.batch_size: expected an int >= 1"),
+        (["--set", "pretrain.epochs=five"], "--set pretrain.epochs=five: pretrain.epochs: expected"),
         (
             ["--set", "data.source=eyeq", "--set", "data.eyeq.root=/nonexistent/EyeQ"],
             "data.eyeq.root: directory '/nonexistent/EyeQ' does not exist",
@@ -102,7 +113,15 @@ def test_seeds_report_mean_and_std(tmp_path: Path, cache_dir: Path) -> None:
         (["--resume"], "no checkpoint to resume from"),
         (["--compare", "--methods", "ce,nope"], "--methods"),
     ],
-    ids=["missing-config", "unknown-key", "bad-value", "missing-data-root", "resume-without-checkpoint", "bad-method"],
+    ids=[
+        "missing-config",
+        "unknown-key",
+        "bad-value",
+        "bad-type-from-set",
+        "missing-data-root",
+        "resume-without-checkpoint",
+        "bad-method",
+    ],
 )
 def test_clear_errors(tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["--config", str(TINY)] if "--config" not in args else []
