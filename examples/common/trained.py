@@ -109,7 +109,7 @@ def load_model_input(path: str | os.PathLike[str], channels: int, size: int) -> 
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
-    """Read a run's checkpoint with :func:`~examples.common.checkpoint.load_checkpoint`; ``path`` is the file or the run directory.
+    """Read a run's checkpoint (``path``: the file or the run directory) with :func:`.load_checkpoint`.
 
     Both levels of the file are read with ``weights_only=True`` and its SHA-256 digest is checked.
 
