@@ -109,20 +109,18 @@ def load_model_input(path: str | os.PathLike[str], channels: int, size: int) -> 
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
-    """Read a run's checkpoint (``path``: the file or the run directory) with :func:`.load_checkpoint`.
-
-    Both levels of the file are read with ``weights_only=True`` and its SHA-256 digest is checked.
+    """Read and verify a run's checkpoint (:func:`~examples.common.checkpoint.load_checkpoint`: weights-only,
+    SHA-256 digest checked); ``path`` is the file or the run directory.
 
     Raises:
-        CheckpointError: no checkpoint there, a file that is not one of the example pipelines', one of
-            another format version, or a corrupted one.
+        CheckpointError: no checkpoint there, or a file that is not a (current) checkpoint of the pipelines.
     """
     p = Path(path)
     if p.is_dir():
         p = p / "checkpoint.pt"
     if not p.is_file():
         raise CheckpointError(f"no checkpoint at {p}")
-    return p, load_checkpoint(p)
+    return p, load_checkpoint(p, map_location="cpu")
 
 
 def _config(p: Path, state: dict[str, Any]) -> dict[str, Any]:
