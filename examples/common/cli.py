@@ -137,6 +137,13 @@ def build_parser(spec: PipelineCLI) -> argparse.ArgumentParser:
         default=None,
         help="with --compare/--seeds: folder of the pre-trained encoders to reuse or fill (default: OUT/pretrain)",
     )
+    p.add_argument(
+        "--probes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --compare/--seeds: probe each pre-trained encoder, frozen (linear probe, artefact retrieval, "
+        "quality invariance; OUT/probes.json)",
+    )
     if spec.add_arguments is not None:
         spec.add_arguments(p)
     p.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)  # tests: interruption
@@ -329,11 +336,22 @@ def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[st
             raise RuntimeError(f"pre-training {run_dir} stopped early")
         return run_dir / "encoder.pt"
 
-    def cached(m: str, s: int, d: Path) -> dict[str, Any]:
+    def finetuned(m: str, s: int, d: Path) -> dict[str, Any]:
         if args.resume and (d / "metrics.json").is_file():
             return json.loads((d / "metrics.json").read_text(encoding="utf-8"))
         encoder = None if m == "ce" else pretrain(m, s)
         return cached_or_run(lambda *a: run_one(*a, encoder=encoder), m, s, d, args.resume)
+
+    def cached(m: str, s: int, d: Path) -> dict[str, Any]:
+        metrics = finetuned(m, s, d)
+        if args.probes and m != "ce" and not ddp.info().enabled:  # probes of the frozen encoder (one process)
+            from examples.common.probe_report import probe_encoder
+
+            encoder_file = pretrain(m, s)  # the cached encoder (its data draw loaded)
+            if data_cache[s].probe_views is not None:  # a pipeline with held-out probe patches (EyeQ)
+                probes = probe_encoder(encoder_file, m, s, cfg.model, data_cache[s], cfg.run.device)
+                metrics = dict(metrics, probes=probes)
+        return metrics
 
     start = time.perf_counter()
     seeds = [cfg.run.seed + i for i in range(args.seeds)]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from examples.common.paired import comparison_pairs, paired_differences, paired_table, plot_paired
+from examples.common.probe_report import probe_section
 from examples.common.runlog import write_json
 from examples.common.task import METHOD_LABELS, SingleLabelTask, Task
 
@@ -192,6 +193,7 @@ def run_comparison(
                 if paired:
                     table += "\nPaired differences over repeats, mean [95 % t-interval]:\n\n"
                     table += paired_table(paired, groups, task)
+                table += probe_section(runs, out, task.method_labels)  # probes.json and its plot ("" unprobed)
                 (out / "compare.md").write_text(table, encoding="utf-8")
                 info = dict(meta or {})
                 info |= {

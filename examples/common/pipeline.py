@@ -62,6 +62,8 @@ class PipelineData:
         test: evaluation dataset of ``(image, target, group)``.
         num_classes: number of classes (of labels, for a multi-label task).
         group_names: names of the groups (EyeQ: Good, Usable, Reject).
+        probe_views: four views of held-out images for the probes of :mod:`examples.common.probes`
+            (``None``: no patch probes).
     """
 
     views: Any
@@ -69,6 +71,7 @@ class PipelineData:
     test: Dataset
     num_classes: int
     group_names: Sequence[str]
+    probe_views: Any = None
 
 
 @dataclass

@@ -33,6 +33,7 @@ from examples.common import datasets as ds
 from examples.common.config import ConfigError, check
 from examples.common.finetune import GradingDataset
 from examples.common.pipeline import PipelineData
+from examples.common.probes import probe_views
 from examples.common.protocol import data_draw_seeds, label_groups, labelled_subset, unlabelled_label
 from examples.common.views import (
     CachedImages,
@@ -189,7 +190,10 @@ def _synthetic(cfg: Any, seed: int) -> PipelineData:
         labelled
     )
     test_ds = GradingDataset(CachedImages(test["image"]), test["grade"].tolist(), test["quality"].tolist(), False, seed)
-    return PipelineData(views, train_ds, test_ds, NUM_GRADES, QUALITY_NAMES)
+    pc = cfg.pretrain  # the probes' patches: the held-out test images, each with a degraded copy of its own
+    degrade = FundusDegradation(severity=severity, kinds="random")
+    probe = probe_views(test["clean"], test["boxes"], degrade, pc.patch_size, pc.n_healthy, pc.max_lesions, seed)
+    return PipelineData(views, train_ds, test_ds, NUM_GRADES, QUALITY_NAMES, probe)
 
 
 def _labelled(cfg: Any, grades: Sequence[int], qualities: Sequence[int], seed: int) -> list[int]:
