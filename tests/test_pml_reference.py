@@ -6,6 +6,7 @@ our adapters): with the memory as large as the batch, the memory's loss is the i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -23,6 +24,8 @@ from mlcl_losses.pml import MultiLevelCrossBatchMemory, MultiLevelInfoNCELoss, M
 from mlcl_losses.tags import ViewTags
 from test_levels import naive_is_negative, random_levels, random_tags, select_ok
 from test_pml import TOL64, four_views, grads, randn
+
+CPU = torch.device("cpu")
 
 # --------------------------------------------------------------------------- naive oracle
 
@@ -118,7 +121,7 @@ def test_mined_positives_index_the_reference_set(device: torch.device) -> None:
     a2, n = torch.arange(10).repeat_interleave(10), torch.arange(10).repeat(10)
     mined = loss_fn(z, tags.pack(), (a1, p, a2, n), ref, tags.pack())
     expected = naive_reference_loss(z, tags, ref, tags, [Level.instance()], 0.1, {(0, 2), (1, 2), (5, 7)}, None)
-    assert math.isclose(float(mined), expected, rel_tol=1e-9)
+    assert math.isclose(float(mined.detach()), expected, rel_tol=1e-9)
     assert not math.isclose(float(mined), float(full), rel_tol=1e-3)  # the restriction has an effect
     assert grads(mined, z).abs().sum() > 0
 
@@ -281,3 +284,56 @@ def test_memory_mixing_tags_with_and_without_image_says_what_differs() -> None:
     with pytest.raises(ValueError, match=r"`image` for 10 of 20 entries.*same optional tags") as info:
         memory(randn((10, 8), 33, torch.device("cpu")), no_image.pack())
     assert "not made by" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- the function under the adapter
+
+
+def test_positive_pair_mask_over_the_bank_makes_it_a_reference_set() -> None:
+    """``pair_mask`` positives of width ``N + M`` admit related bank entries as positives, nothing else."""
+    tags, ref_tags = four_views(CPU), four_views(CPU, offset=0)
+    z, ref = randn((10, 8), 35, CPU), randn((10, 8), 36, CPU)
+    levels = [dataclasses.replace(lv, in_batch_negatives=False) for lv in comcl_levels()]
+    pos = torch.zeros(10, 20, dtype=torch.bool)
+    pos[:, 10:] = True
+    loss, _ = multilevel_info_nce(z, tags, levels, 0.1, bank=(ref, ref_tags), pair_mask=(pos, None))
+    expected = naive_reference_loss(z, tags, ref, ref_tags, comcl_levels(), 0.1)
+    assert math.isclose(float(loss), expected, rel_tol=1e-9)
+    # an (N, N) positive mask keeps the bank out of the positives (the bank gives negatives only)
+    batch_pos = torch.ones(10, 10, dtype=torch.bool)
+    plain, _ = multilevel_info_nce(z, tags, comcl_levels(), 0.1, bank=(ref, ref_tags))
+    masked, _ = multilevel_info_nce(z, tags, comcl_levels(), 0.1, bank=(ref, ref_tags), pair_mask=(batch_pos, None))
+    torch.testing.assert_close(masked, plain, **TOL64)
+
+
+@pytest.mark.parametrize(
+    ("pair_mask", "candidates", "match"),
+    [
+        pytest.param(
+            (torch.ones(10, 12, dtype=torch.bool), None),
+            None,
+            r"positives .*\(10, 10\) or \(10, 14\)",
+            id="pos",
+        ),
+        pytest.param((None, torch.ones(10, 10, dtype=torch.bool)), None, r"negatives .*\(10, 14\)", id="neg"),
+        pytest.param((torch.ones(10, 10), None), None, "positives a bool tensor", id="float"),
+        pytest.param(
+            (torch.ones(10, 14, dtype=torch.bool), None),
+            torch.zeros(10, 2, dtype=torch.long),
+            r"positives .* \(10, 10\), but",
+            id="cand",
+        ),
+    ],
+)
+def test_bad_pair_masks_are_refused(pair_mask: tuple, candidates: torch.Tensor | None, match: str) -> None:
+    tags = four_views(CPU)
+    with pytest.raises(ValueError, match=f"`pair_mask` {match}"):
+        multilevel_info_nce(
+            randn((10, 8), 37, CPU),
+            tags,
+            comcl_levels(),
+            0.1,
+            bank=(randn((4, 8), 38, CPU), tags[:4]),
+            candidates=candidates,
+            pair_mask=pair_mask,
+        )

@@ -8,7 +8,7 @@ import torch
 from pytorch_metric_learning.reducers import ClassWeightedReducer, DivisorReducer, MultipleReducers, PerAnchorReducer
 from torch import Tensor
 
-from mlcl_losses.levels import Level, bank_negative_mask, level_masks
+from mlcl_losses.levels import Level, bank_negative_mask, bank_positive_mask, level_masks
 from mlcl_losses.tags import ViewTags
 
 Pairs = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -104,10 +104,7 @@ def level_pair_masks(tags: ViewTags, ref: ViewTags | None, level: Level) -> tupl
     if ref is None:
         masks = level_masks(tags, [level])[0]
         return masks.positives, masks.negatives
-    key, ref_key = (tags.source, ref.source) if level.relation == "source" else (tags.label, ref.label)
-    if key is None or ref_key is None:
-        raise ValueError(f"Level {level.name!r} pairs by label, but the tags carry no label")
-    pos = level.anchors(tags)[:, None] & (key[:, None] == ref_key[None, :]) & level.positives(ref)[None, :]
+    pos = bank_positive_mask(tags, ref, level)
     return pos, bank_negative_mask(tags, ref, level)
 
 

@@ -57,7 +57,7 @@ from typing import Literal, NamedTuple, cast
 import torch
 from torch import Tensor
 
-from mlcl_losses.levels import Level, bank_negative_mask, level_masks, validate_levels
+from mlcl_losses.levels import Level, bank_negative_mask, bank_positive_mask, level_masks, validate_levels
 from mlcl_losses.tags import ViewTags
 
 __all__ = [
@@ -252,6 +252,24 @@ def _check_candidates(candidates: list[Tensor | None], n: int, m: int) -> None:
             raise ValueError(f"Expected `candidates` in [-1, {m - 1}], but got values outside")
 
 
+def _check_pair_mask(pair_mask: object, n: int, bank_z: Tensor | None, candidates: list[Tensor | None]) -> None:
+    if not (isinstance(pair_mask, (tuple, list)) and len(pair_mask) == 2):
+        raise TypeError("Expected `pair_mask` to be a tuple (positives, negatives) of bool tensors or None")
+    m = 0 if bank_z is None else bank_z.shape[0]
+    whole_bank = all(c is None for c in candidates)
+    n_cols = n + (m if whole_bank else max(c.shape[1] for c in candidates if c is not None))
+    pos, neg = pair_mask
+    allowed_pos = [(n, n), (n, n + m)] if bank_z is not None and whole_bank else [(n, n)]
+    for name, mask, shapes in (("positives", pos, allowed_pos), ("negatives", neg, [(n, n_cols)])):
+        if mask is None:
+            continue
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) not in shapes:
+            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(
+                f"Expected `pair_mask` {name} a bool tensor of shape {' or '.join(map(str, shapes))}, but got {got}"
+            )
+
+
 def _prepare_bank(
     raw: object, bank_tags: object, candidates: list[Tensor | None], z: Tensor
 ) -> tuple[Tensor, ViewTags, list[Tensor | None]]:
@@ -329,8 +347,11 @@ def multilevel_info_nce(
             :math:`\sum_i v_i l_i / |\text{valid}|`.
         tau_plus: class prior of the debiased estimator, in ``[0, 1)``; 0 disables it.
         beta: concentration of hardness reweighting (HCL), >= 0; 0 disables it.
-        pair_mask: optional ``(positives (N, N) bool | None, negatives (N, N + C_b) bool | None)``
-            further restricting the pairs of every level (used by the PML adapter).
+        pair_mask: optional ``(positives (N, N) or (N, N + M) bool | None, negatives (N, N + C_b)
+            bool | None)`` further restricting the pairs of every level (used by the PML adapter).
+            Positives of width ``N + M`` (whole bank, no ``candidates``) also admit bank entries
+            as positives where the mask is True and the level relates them to the anchor
+            (:func:`~mlcl_losses.levels.bank_positive_mask`): the bank is then a reference set.
         reduction: ``"mean"`` (the loss above) or ``"none"``: a ``(L, N)`` tensor of per-anchor
             losses times the level weight (``anchor_weights`` applied, 0 where an anchor did not
             contribute; ``stats[name].valid`` says which did).
@@ -388,6 +409,8 @@ def multilevel_info_nce(
     elif any(cand is not None for cand in per_level_candidates):
         raise ValueError("`candidates` index into `bank`, but `bank` is None")
     per_level_weights = _per_level(negative_weights, len(levels), "negative_weights")
+    if pair_mask is not None:
+        _check_pair_mask(pair_mask, n, bank_z, per_level_candidates)
 
     from mlcl_losses import _fused  # local import: the fused module imports this one
 
@@ -459,8 +482,11 @@ def _reference(
             pos = torch.cat([lm.positives, torch.zeros_like(neg_bank)], dim=1)
             neg = torch.cat([lm.negatives, neg_bank], dim=1)
             if pair_mask is not None:
-                if pair_mask[0] is not None:
-                    pos[:, :n] &= pair_mask[0]
+                pos_mask = pair_mask[0]
+                if pos_mask is not None:
+                    if pos_mask.shape[1] > n and bank_tags is not None:  # the bank is a reference set
+                        pos[:, n:] = bank_positive_mask(tags, bank_tags, level)
+                    pos[:, : pos_mask.shape[1]] &= pos_mask
                 if pair_mask[1] is not None:
                     neg &= pair_mask[1]
             logits = cos / temperature

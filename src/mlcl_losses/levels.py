@@ -29,6 +29,7 @@ __all__ = [
     "LevelMasks",
     "Select",
     "bank_negative_mask",
+    "bank_positive_mask",
     "comcl_levels",
     "level_masks",
     "validate_levels",
@@ -265,3 +266,28 @@ def bank_negative_mask(tags: ViewTags, bank_tags: ViewTags, level: Level) -> Ten
     selected = level.negatives(bank_tags)
     mask = anchors[:, None] & (selected[None, :] if selected.dim() == 1 else selected)
     return mask & ~_never_negative(tags, bank_tags, level)
+
+
+def bank_positive_mask(tags: ViewTags, bank_tags: ViewTags, level: Level) -> Tensor:
+    """Which bank entries are related to each anchor of ``level`` as positives are.
+
+    The loss never takes positives from a bank on its own; a caller that means its bank as a
+    reference set of candidates (PML's ``ref_emb``, a cross-batch memory) admits them with a
+    positive ``pair_mask`` over the bank columns.
+
+    Args:
+        tags: ``(N,)`` tags of the batch.
+        bank_tags: ``(M,)`` tags of the bank.
+        level: the level.
+
+    Returns:
+        ``(N, M)`` bool: the entry shares the anchor's source (or label, for ``relation="label"``)
+        and passes the positive selector. Rows of non-anchors are False.
+
+    Raises:
+        ValueError: the level pairs by label and either side carries no label.
+    """
+    key, bank_key = (tags.source, bank_tags.source) if level.relation == "source" else (tags.label, bank_tags.label)
+    if key is None or bank_key is None:
+        raise ValueError(f"Level {level.name!r} pairs by label, but `tags.label` or the bank's label is None")
+    return level.anchors(tags)[:, None] & (key[:, None] == bank_key[None, :]) & level.positives(bank_tags)[None, :]

@@ -82,8 +82,8 @@ class MultiLevelInfoNCELoss(BaseMetricLossFunction):
     reducer applies; the default (mean per level, summed over levels) equals
     :func:`~mlcl_losses.functional.multilevel_info_nce`.
 
-    With a reference set of ``M`` entries the loss is computed on the dense path over the
-    ``N + M`` rows (memory ``O((N + M)^2)`` per level).
+    With a pair restriction or a reference set of ``M`` entries the loss runs on the dense
+    reference path (memory ``O(N (N + M))`` per level).
 
     Args:
         levels: the levels; default :func:`~mlcl_losses.levels.comcl_levels`.
@@ -236,33 +236,31 @@ class MultiLevelInfoNCELoss(BaseMetricLossFunction):
     ) -> tuple[Tensor, list[Tensor]]:
         """Anchors from the batch, positives and negatives from the reference set.
 
-        The batch and the reference set are put side by side (``N + M`` rows); only the
-        ``(batch row, reference column)`` block takes part, and the reference columns follow
-        the level's bank rules (``in_batch_negatives`` is replaced by ``bank_negatives``).
+        The reference set is the bank of :func:`~mlcl_losses.functional.multilevel_info_nce`,
+        admitted as positives too by a ``(N, N + M)`` positive pair mask; no in-batch pair.
         """
         n, m, device = embeddings.shape[0], ref_emb.shape[0], embeddings.device
-        joint = torch.cat([embeddings, ref_emb.to(device=device, dtype=embeddings.dtype)])  # (N + M, D)
-        block = (slice(0, n), slice(n, n + m))
-        pos = torch.zeros(n + m, n + m, dtype=torch.bool, device=device)
+        pos = torch.zeros(n, n + m, dtype=torch.bool, device=device)
         neg = torch.zeros_like(pos)
         if pairs is None:
-            pos[block] = True
-            neg[block] = True
+            pos[:, n:] = True
+            neg[:, n:] = True
         else:
             a1, p, a2, ng = pairs
-            pos[block] = pairs_to_mask(a1, p, (n, m), device)
-            neg[block] = pairs_to_mask(a2, ng, (n, m), device)
-        levels = [dataclasses.replace(level, in_batch_negatives=level.bank_negatives) for level in self.levels]
+            pos[:, n:] = pairs_to_mask(a1, p, (n, m), device)
+            neg[:, n:] = pairs_to_mask(a2, ng, (n, m), device)
+        levels = [dataclasses.replace(level, in_batch_negatives=False) for level in self.levels]
         losses, stats = multilevel_info_nce(
-            joint,
-            ViewTags.cat([tags, ref_tags]),
+            embeddings,
+            tags,
             levels,
             temperature=self.temperature,
             denominator=self.denominator,
+            bank=(ref_emb.to(device=device, dtype=embeddings.dtype), ref_tags),
             pair_mask=(pos, neg),
             reduction="none",
         )
-        return losses[:, :n], [stats[level.name].valid[:n] for level in levels]
+        return losses, [stats[level.name].valid for level in levels]
 
     def _warn_levels_without_pairs(self, tags: ViewTags, ref_tags: ViewTags | None, valid: list[Tensor]) -> None:
         """Warn once per level when ``indices_tuple`` took away every pair a level had."""
