@@ -64,6 +64,10 @@ class SyntheticConfig:
     ``seed + 2 s`` and ``seed + 2 s + 1``, :func:`examples.common.protocol.data_draw_seeds`), so
     repeats vary the data too and no image is a training image in one repeat and a test image in
     another; ``false`` keeps one draw (``seed``, ``seed + 1``) for every training seed.
+
+    ``boxes_json``: pre-train on these lesion boxes instead of the rendered (true) ones, to compare box
+    sources (proposed, random): split ``train``, keys ``"<train data seed>/<image index>"``, boxes in
+    pixels of the ``image_size`` images; a training image without a key has no lesion box.
     """
 
     n_train: int = 320
@@ -73,6 +77,7 @@ class SyntheticConfig:
     cache_dir: str | None = None
     workers: int = 2
     draw_per_seed: bool = True
+    boxes_json: str | None = None
 
     def validate(self, key: str) -> None:
         for name in ("n_train", "n_test", "n_view_copies", "workers"):
@@ -177,6 +182,8 @@ def _synthetic(cfg: Any, seed: int) -> PipelineData:
     severity = tuple(cfg.pretrain.degradation_severity)
     train_seed, test_seed = data_draw_seeds(sc.seed, seed, sc.draw_per_seed)
     train = render_synthetic(sc.n_train, size, train_seed, sc.n_view_copies, severity, cache, sc.workers)  # type: ignore[arg-type]
+    if sc.boxes_json is not None:
+        train = dict(train, boxes=_boxes_from_json(Path(sc.boxes_json), train_seed, sc.n_train, size))
     test = render_synthetic(sc.n_test, size, test_seed, 0, severity, cache, sc.workers)  # type: ignore[arg-type]
     grades, qualities = train["grade"].tolist(), train["quality"].tolist()
     labelled = _labelled(cfg, grades, qualities, seed)
@@ -194,6 +201,21 @@ def _synthetic(cfg: Any, seed: int) -> PipelineData:
     degrade = FundusDegradation(severity=severity, kinds="random")
     probe = probe_views(test["clean"], test["boxes"], degrade, pc.patch_size, pc.n_healthy, pc.max_lesions, seed)
     return PipelineData(views, train_ds, test_ds, NUM_GRADES, QUALITY_NAMES, probe)
+
+
+def _boxes_from_json(path: Path, train_seed: int, n: int, size: int) -> list[Tensor]:
+    """The ``(K, 4)`` boxes of each synthetic training image from a box JSON (``SyntheticConfig.boxes_json``)."""
+    tree = ds.read_boxes_json(path)
+    if "train" not in tree:
+        raise ConfigError(f"data.synthetic.boxes_json: {path} has no split 'train' (has {sorted(tree)})")
+    found = tree["train"].unhealthy
+    mine = [f"{train_seed}/{i}" for i in range(n)]
+    if found and not set(found) & set(mine):
+        raise ConfigError(
+            f"data.synthetic.boxes_json: no key of {path} names a training image of data seed {train_seed} "
+            f"(expected keys like {mine[0]!r}, got e.g. {next(iter(found))!r})"
+        )
+    return [torch.tensor(found.get(key, []), dtype=torch.float32).reshape(-1, 4).clamp(0, size) for key in mine]
 
 
 def _labelled(cfg: Any, grades: Sequence[int], qualities: Sequence[int], seed: int) -> list[int]:

@@ -115,3 +115,22 @@ def test_synthetic_source_with_a_real_root_is_an_error(tmp_path: Path, capsys) -
     err = capsys.readouterr().err
     assert "data.source: is 'synthetic', but data.eyeq.root is set" in err
     assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_synthetic_boxes_json_replaces_the_rendered_boxes(tmp_path: Path) -> None:
+    from examples.common.boxes import SplitBoxes, write_boxes_json
+    from examples.common.config import ConfigError, load_config
+    from examples.eyeq.data import build_data
+    from examples.eyeq.train import EyeQConfig
+
+    boxes = SplitBoxes(unhealthy={"7/3": [(1.0, 2.0, 11.0, 12.0)], "7/5": [(0.0, 0.0, 4.0, 4.0), (8, 8, 20, 20)]})
+    path = tmp_path / "b.json"
+    write_boxes_json({"train": boxes}, path)
+    overrides = [f"data.synthetic.cache_dir={tmp_path / 'cache'}", f"data.synthetic.boxes_json={path}"]
+    cfg = load_config(EyeQConfig, TINY, overrides)  # tiny: data seed 7, training seed 0 draws training set 7
+    records = build_data(cfg, 0).views.records
+    assert records.data["boxes"][3].tolist() == [[1.0, 2.0, 11.0, 12.0]]
+    assert records.data["boxes"][5].shape == (2, 4)
+    assert records.data["boxes"][0].shape == (0, 4)  # no key: no lesion box
+    with pytest.raises(ConfigError, match="no key of .* names a training image of data seed 9"):
+        build_data(cfg, 1)  # training seed 1 draws training set 9
