@@ -43,12 +43,13 @@ from examples.eyeq.train import main as train_main  # noqa: E402
 from mlcl_losses.synthetic import SyntheticFundus  # noqa: E402
 
 SOURCES = ("true", "proposed", "random")
+THREADS: list[str] = []  # e.g. ["--set", "run.torch_threads=1"] (--threads)
 GROUPS = ("good", "usable", "reject")
 
 
 def _run(out: Path, *args: str) -> dict[str, Any]:
     if not (out / "metrics.json").is_file():
-        code = train_main(["--out", str(out), "--set", "run.tensorboard=false", *args])
+        code = train_main(["--out", str(out), "--set", "run.tensorboard=false", *THREADS, *args])
         if code != 0:
             raise RuntimeError(f"training run {out} failed with exit status {code}")
     return json.loads((out / "metrics.json").read_text())
@@ -87,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "examples" / "eyeq" / "results")
     p.add_argument("--runs", type=Path, default=Path("runs") / "box_sources")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads of every run (run.torch_threads)")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        THREADS[:] = ["--set", f"run.torch_threads={args.threads}"]
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     metrics: dict[str, list[dict[str, Any]]] = {s: [] for s in SOURCES}
     for seed in range(args.seeds):
