@@ -224,7 +224,7 @@ def recording(loss_fn: MultiLevelInfoNCELoss) -> dict[str, object]:
 def test_cross_batch_memory_sanity_check(setup: str, miner_name: str, enqueue: bool) -> None:
     tags, levels = tags_of(setup)
     n = len(tags)
-    for seed in range(3):
+    for seed in range(2):
         loss_fn = MultiLevelInfoNCELoss(levels, temperature=0.5)
         seen = recording(loss_fn)
         miner = make_miner(miner_name, levels)

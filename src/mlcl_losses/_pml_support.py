@@ -70,6 +70,23 @@ def unpack_labels(labels: Tensor, name: str) -> ViewTags:
         raise type(err)(f"`{name}`: {err}") from err
 
 
+def reference_tags(
+    embeddings: Tensor, tags: ViewTags, ref_emb: object, ref_labels: object, levels: Sequence[Level]
+) -> tuple[ViewTags, ViewTags]:
+    """Checked tags of the batch and of the reference set, with the same optional tags."""
+    if ref_labels is None:
+        raise ValueError("`ref_emb` needs `ref_labels` (packed ViewTags), but got None")
+    if not isinstance(ref_emb, Tensor) or ref_emb.dim() != 2 or ref_emb.shape[1:] != embeddings.shape[1:]:
+        got = tuple(ref_emb.shape) if isinstance(ref_emb, Tensor) else type(ref_emb).__name__
+        raise ValueError(f"Expected `ref_emb` of shape (M, {embeddings.shape[1]}) (as `embeddings`), but got {got}")
+    ref_tags = unpack_labels(ref_labels, "ref_labels").to(embeddings.device)  # type: ignore[arg-type]
+    if len(ref_tags) != ref_emb.shape[0]:
+        raise ValueError(
+            f"`ref_emb` and `ref_labels` must have the same length, got {ref_emb.shape[0]} and {len(ref_tags)}"
+        )
+    return common_optional_tags(tags, ref_tags, levels)
+
+
 def common_optional_tags(tags: ViewTags, ref: ViewTags, levels: Sequence[Level]) -> tuple[ViewTags, ViewTags]:
     """Batch and reference tags with the same optional tags, so they can be put side by side.
 

@@ -51,9 +51,9 @@ from mlcl_losses._pml_support import (
     Pairs,
     check_indices_tuple,
     check_reducer,
-    common_optional_tags,
     level_pair_masks,
     pairs_to_mask,
+    reference_tags,
     unpack_labels,
 )
 from mlcl_losses.functional import Denominator, multilevel_info_nce
@@ -181,19 +181,7 @@ class MultiLevelInfoNCELoss(BaseMetricLossFunction):
             losses, valid = self._in_batch(embeddings, tags, pairs)
             candidate_tags: tuple[ViewTags, ViewTags | None] = (tags, None)
         else:
-            if ref_labels is None:
-                raise ValueError("`ref_emb` needs `ref_labels` (packed ViewTags), but got None")
-            if not isinstance(ref_emb, Tensor) or ref_emb.dim() != 2 or ref_emb.shape[1:] != embeddings.shape[1:]:
-                got = tuple(ref_emb.shape) if isinstance(ref_emb, Tensor) else type(ref_emb).__name__
-                raise ValueError(
-                    f"Expected `ref_emb` of shape (M, {embeddings.shape[1]}) (as `embeddings`), but got {got}"
-                )
-            ref_tags = unpack_labels(ref_labels, "ref_labels").to(embeddings.device)
-            if len(ref_tags) != ref_emb.shape[0]:
-                raise ValueError(
-                    f"`ref_emb` and `ref_labels` must have the same length, got {ref_emb.shape[0]} and {len(ref_tags)}"
-                )
-            candidate_tags = common_optional_tags(tags, ref_tags, self.levels)
+            candidate_tags = reference_tags(embeddings, tags, ref_emb, ref_labels, self.levels)
             pairs = None if indices_tuple is None else check_indices_tuple(indices_tuple, n, ref_emb.shape[0])
             losses, valid = self._with_reference(embeddings, ref_emb, *candidate_tags, pairs)
         if pairs is not None:
