@@ -7,22 +7,34 @@ resume), ``task`` (loss, prediction and metrics of a single- or multi-label task
 ``runlog`` (CSV / JSON / TensorBoard, progress bars), ``rundir`` (which directories hold a run),
 ``report`` (the plot of one run), ``compare`` (method comparison), ``cli`` (the command line of
 ``train.py``) and ``views`` (data helpers: lesion boxes, four-view dataset, rendering cache).
+
+Real data without lesion boxes: ``boxes`` (the box JSON, versions 1 and 2), ``cam_boxes`` (Grad-CAM
+maps to scored boxes), ``propose_boxes`` (the command), ``box_quality`` (recall / precision against
+known boxes), ``detector`` (Faster R-CNN on COCO JSON), ``trained`` (a run's classifier read back)
+and ``predict`` (the command applying it to new images).
 """
 
 __all__ = [
+    "box_quality",
+    "boxes",
+    "cam_boxes",
     "checkpoint",
     "cli",
     "compare",
     "config",
     "datasets",
+    "detector",
     "evaluate",
     "finetune",
     "models",
     "pipeline",
+    "predict",
     "pretrain",
+    "propose_boxes",
     "report",
     "rundir",
     "runlog",
     "task",
+    "trained",
     "views",
 ]
