@@ -350,3 +350,27 @@ def test_xray_validation(kwargs: dict, error: type[Exception]) -> None:
 def test_degradation_class_validation(make) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match="Expected"):
         make()
+
+
+@pytest.mark.parametrize(
+    ("fn", "shape"),
+    [(degrade_fundus, (0, 3, 32, 32)), (degrade_xray, (0, 1, 32, 32))],
+    ids=["fundus", "xray"],
+)
+def test_empty_batch_is_refused_naming_image(fn, shape: tuple[int, ...]) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match=r"`image` to hold at least one image.*\(0, "):
+        fn(torch.zeros(shape), 0.5, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("threshold", "error", "match"),
+    [
+        (float("nan"), ValueError, "`threshold` to be a finite number in \\[0, 1\\), but got nan"),
+        (1.5, ValueError, "`threshold` to be a finite number in \\[0, 1\\), but got 1.5"),
+        (None, TypeError, "`threshold` to be a number.*NoneType"),
+    ],
+    ids=["nan", "above-one", "none"],
+)
+def test_estimate_fov_refuses_bad_threshold(threshold: object, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        estimate_fov(torch.rand(3, 16, 16), threshold=threshold)  # type: ignore[arg-type]

@@ -411,6 +411,7 @@ def test_not_in_a_process_group() -> None:
             lambda x, tags: DistributedHardNegativeIndex(shard(0)).search(x.float()[:, :DIM], 2), id="index-search"
         ),
         pytest.param(lambda x, tags: DistributedHardNegativeIndex(shard(0)).global_len(), id="index-global_len"),
+        pytest.param(lambda x, tags: DistributedHardNegativeIndex(shard(0)).add(x.float(), tags), id="index-add"),
         pytest.param(lambda x, tags: criterion("reference", gather_distributed=True)(x, tags), id="loss"),
     ],
 )

@@ -411,6 +411,28 @@ def test_state_dict_holds_plain_tensors_and_ints() -> None:
         HardNegativeIndex(4, 7).load_state_dict(index.state_dict())
 
 
+def test_state_dict_without_extra_state_is_refused_even_non_strict() -> None:
+    index = HardNegativeIndex(4, 8, backend="torch")
+    index.add(torch.eye(4), ViewTags([0] * 4, [0] * 4, list(range(4))))
+    state = {k: v for k, v in index.state_dict().items() if k != "_extra_state"}
+    fresh = HardNegativeIndex(4, 8, backend="torch")
+    with pytest.raises(ValueError, match=r"`state_dict` to hold '_extra_state'.*write pointer and fill level"):
+        fresh.load_state_dict(state, strict=False)
+    assert len(fresh) == 0
+    parent = torch.nn.ModuleDict({"bank": HardNegativeIndex(4, 8, backend="torch")})  # as a submodule too
+    with pytest.raises(ValueError, match="'bank._extra_state'"):
+        parent.load_state_dict({f"bank.{k}": v for k, v in state.items()}, strict=False)
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalize", "raw"])
+def test_add_refuses_all_zero_rows(normalize: bool) -> None:
+    index = HardNegativeIndex(3, 8, backend="torch", normalize=normalize)
+    x = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match=r"`embeddings` rows with a non-zero norm.*row 1 is all zeros"):
+        index.add(x, ViewTags([0, 0], [0, 0], [0, 1]))
+    assert len(index) == 0  # nothing was written
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 

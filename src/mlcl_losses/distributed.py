@@ -466,7 +466,13 @@ class DistributedHardNegativeIndex(nn.Module):
         """Add this rank's keys to its own shard.
 
         No communication; see :meth:`~mlcl_losses.index.HardNegativeIndex.add`.
+
+        Raises:
+            RuntimeError: no process group is initialised (the shard would be filled, but every
+                search, a collective, would fail later); use a plain
+                :class:`~mlcl_losses.index.HardNegativeIndex` in a single process.
         """
+        process_group_info(self.group, "DistributedHardNegativeIndex.add")
         self.shard.add(embeddings, tags)
 
     def global_len(self) -> int:

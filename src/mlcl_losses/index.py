@@ -652,11 +652,23 @@ class HardNegativeIndex(nn.Module):
                 batch or in none (fixed by the first add after construction or :meth:`reset`).
 
         If ``B > capacity`` only the newest (last) ``capacity`` rows are kept.
+
+        Raises:
+            TypeError: ``embeddings`` not a float tensor, or ``tags`` not a :class:`~mlcl_losses.tags.ViewTags`.
+            ValueError: a shape that is not ``(B, D)``, a row with NaN or inf, an all-zero row (it has
+                no direction: no cosine similarity is defined for it), tags of another length, or
+                optional tags other than the bank's.
         """
         if not isinstance(tags, ViewTags):
             raise TypeError(f"Expected `tags` to be a ViewTags, but got {type(tags).__name__}")
         x = self._check_vectors("embeddings", embeddings)
         b = x.shape[0]
+        zero = (x == 0).all(dim=1)
+        if b and bool(zero.any()):
+            raise ValueError(
+                "Expected `embeddings` rows with a non-zero norm (a bank entry needs a direction), "
+                f"but row {int(zero.nonzero()[0, 0])} is all zeros"
+            )
         if tags.shape != (b,):
             raise ValueError(
                 f"`embeddings` and `tags` must have the same length, got {b} and shape {tuple(tags.shape)}"
@@ -711,6 +723,34 @@ class HardNegativeIndex(nn.Module):
             "has_label": -1 if self._has_label is None else int(self._has_label),
             "has_image": -1 if self._has_image is None else int(self._has_image),
         }
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """As :class:`~torch.nn.Module`'s, but the extra state is required even with ``strict=False``.
+
+        Without it the buffers would be loaded into an index whose fill level says it is empty.
+
+        Raises:
+            ValueError: ``state_dict`` has no ``{prefix}_extra_state``.
+        """
+        key = prefix + "_extra_state"
+        if key not in state_dict:
+            raise ValueError(
+                f"Expected `state_dict` to hold {key!r} (the index's write pointer and fill level, written by "
+                "HardNegativeIndex.state_dict()), but it is missing; strict=False does not make it optional: "
+                "load a complete state dict of the index"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def set_extra_state(self, state: Any) -> None:
         """Inverse of :meth:`get_extra_state`."""

@@ -80,6 +80,10 @@ class LightAugment:
         contrast: maximum relative contrast change around the patch mean.
         saturation: maximum relative saturation change (3-channel patches only).
 
+    Raises:
+        ValueError: ``brightness``, ``contrast`` or ``saturation`` not a finite number in ``[0, 1)``.
+        TypeError: one of them not a number.
+
     Examples:
         >>> aug = LightAugment()
         >>> aug(torch.rand(3, 8, 8), torch.Generator().manual_seed(0)).shape
@@ -92,8 +96,38 @@ class LightAugment:
     contrast: float = 0.1
     saturation: float = 0.1
 
+    def __post_init__(self) -> None:
+        for name in ("brightness", "contrast", "saturation"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"Expected `{name}` to be a number in [0, 1), but got {type(value).__name__}")
+            if not (math.isfinite(value) and 0 <= value < 1):
+                raise ValueError(f"Expected `{name}` in [0, 1) (a relative change), but got {value}")
+
     def __call__(self, patch: Tensor, generator: torch.Generator) -> Tensor:
-        """Augment ``patch`` ``(C, P, P)`` float in [0, 1]; returns the same shape, in [0, 1]."""
+        """Augment ``patch`` ``(C, P, P)`` float in [0, 1]; returns the same shape, in [0, 1].
+
+        Raises:
+            TypeError: ``patch`` not a floating-point tensor (e.g. ``uint8``: scale it to [0, 1] first),
+                or ``generator`` not a :class:`torch.Generator`.
+            ValueError: ``patch`` not 3-D, with NaN or infinite values, or with values outside [0, 1].
+        """
+        if not isinstance(patch, Tensor) or not patch.is_floating_point():
+            kind = patch.dtype if isinstance(patch, Tensor) else type(patch).__name__
+            raise TypeError(f"Expected `patch` to be a float tensor with values in [0, 1], but got {kind}")
+        if patch.ndim != 3:
+            raise ValueError(f"Expected `patch` of shape (C, P, P), but got {tuple(patch.shape)}")
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"Expected `generator` to be a torch.Generator, but got {type(generator).__name__}")
+        if patch.numel():
+            if not bool(torch.isfinite(patch).all()):
+                raise ValueError("Expected `patch` to be finite, but it contains NaN or infinite values")
+            low, high = (float(v) for v in torch.aminmax(patch))
+            if low < 0 or high > 1:
+                raise ValueError(
+                    f"Expected `patch` values in [0, 1], but got values in [{low:g}, {high:g}] "
+                    "(an 8-bit image must be divided by 255 first)"
+                )
         r = torch.rand(6, generator=generator, device=generator.device).tolist()
         out = patch
         if self.flip and r[0] < 0.5:

@@ -82,6 +82,10 @@ def estimate_fov(image: Tensor, threshold: float = 0.04) -> Tensor:
     Returns:
         Bool mask ``(1, H, W)`` or ``(B, 1, H, W)`` (matching ``image``).
 
+    Raises:
+        ValueError: ``threshold`` not a finite number in [0, 1); a bad ``image`` (see :func:`degrade_fundus`).
+        TypeError: ``threshold`` not a number.
+
     Examples:
         >>> img = torch.zeros(3, 32, 32)
         >>> img[:, 8:24, 8:24] = 0.5
@@ -89,6 +93,10 @@ def estimate_fov(image: Tensor, threshold: float = 0.04) -> Tensor:
         >>> fov.shape, bool(fov[0, 16, 16]), bool(fov[0, 0, 0])
         (torch.Size([1, 32, 32]), True, False)
     """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"Expected `threshold` to be a number in [0, 1), but got {type(threshold).__name__}")
+    if not (math.isfinite(threshold) and 0 <= threshold < 1):
+        raise ValueError(f"Expected `threshold` to be a finite number in [0, 1), but got {threshold}")
     batch, batched = as_batch(image)
     mask = (batch.amax(dim=1, keepdim=True) > threshold).to(batch.dtype)
     k = 2 * max(1, min(batch.shape[-2:]) // 64) + 1
@@ -264,7 +272,8 @@ def degrade_fundus(
         Tensor of ``image``'s shape, dtype and device, values in [0, 1].
 
     Raises:
-        ValueError: on a bad shape, values outside [0, 1], severity outside [0, 1], unknown kinds.
+        ValueError: on a bad shape, an empty batch, values outside [0, 1], severity outside [0, 1],
+            unknown kinds.
         TypeError: on a non-tensor or integer image.
 
     Examples:
@@ -276,6 +285,8 @@ def degrade_fundus(
         True
     """
     batch, batched = as_batch(image, channels=(1, 3))
+    if batch.shape[0] == 0:
+        raise ValueError(f"Expected `image` to hold at least one image, but got a batch of shape {tuple(batch.shape)}")
     chosen = check_kinds(kinds, FUNDUS_KINDS)
     if not chosen:
         raise ValueError(f"Expected `kinds` to name at least one of {FUNDUS_KINDS}, but got {kinds!r}")

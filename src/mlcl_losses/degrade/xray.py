@@ -201,7 +201,8 @@ def degrade_xray(
         Tensor of ``image``'s shape, dtype and device, values in [0, 1].
 
     Raises:
-        ValueError: on a bad shape, values outside [0, 1], severity outside [0, 1], unknown kinds.
+        ValueError: on a bad shape, an empty batch, values outside [0, 1], severity outside [0, 1],
+            unknown kinds.
         TypeError: on a non-tensor or integer image.
 
     Examples:
@@ -211,6 +212,8 @@ def degrade_xray(
         (torch.Size([1, 64, 64]), True, True)
     """
     batch, batched = as_batch(image, channels=(1,))
+    if batch.shape[0] == 0:
+        raise ValueError(f"Expected `image` to hold at least one image, but got a batch of shape {tuple(batch.shape)}")
     chosen = check_kinds(kinds, XRAY_KINDS)
     if not chosen:
         raise ValueError(f"Expected `kinds` to name at least one of {XRAY_KINDS}, but got {kinds!r}")
