@@ -316,3 +316,28 @@ def test_synthetic_source_with_a_real_root_is_an_error(tmp_path: Path, capsys: p
     assert chest_main(args) == 2
     assert "data.source: is 'synthetic', but data.chestxray14.root is set" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_real_ce_run_then_proposed_boxes_per_positive_label(tmp_path: Path) -> None:
+    from examples.common.boxes import read_boxes_json
+    from examples.common.propose_boxes import main as propose_main
+
+    root = tmp_path / "cxr"
+    _fixture_chestxray(root)
+    run = tmp_path / "ce"
+    args = ["--config", str(TINY), "--out", str(run), *_real_args(root), "--set", "data.chestxray14.bbox_list=null"]
+    assert main([*args, "--method", "ce"]) == 0  # a ce run needs no boxes at all
+    out = tmp_path / "proposed.json"
+    assert propose_main([str(run), "--out", str(out), "--layer", "layer2", "--min-size", "8"]) == 0
+    split = read_boxes_json(out)["train"]
+    positives = {name: set(labels.split("|")) - {"No Finding"} for name, labels, _ in ENTRIES if name in TRAIN}
+    assert set(split.healthy) == {n for n, p in positives.items() if not p}  # No Finding: listed healthy, no box
+    assert split.unhealthy, "no image got a box"
+    for name, boxes in split.unhealthy.items():
+        assert positives[name]
+        assert set(split.labels[name]) <= positives[name]  # each box is evidence of one of its own labels
+        assert len(split.scores[name]) == len(boxes)
+        b = torch.tensor(boxes)
+        assert bool((b >= 0).all())
+        assert bool((b <= 128).all())
+        assert bool((b[:, 2:] - b[:, :2] >= 8 - 1e-4).all())
