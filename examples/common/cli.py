@@ -356,8 +356,9 @@ def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[st
     start = time.perf_counter()
     seeds = [cfg.run.seed + i for i in range(args.seeds)]
     meta = {
-        "command": " ".join([Path(sys.argv[0]).name if sys.argv else spec.prog, *(sys.argv[1:] if sys.argv else [])]),
+        "command": " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("train.py") else spec.prog,
         "machine": machine_description(),
+        "pretrained": str(encoders),
         "label_fraction": cfg.finetune.label_fraction,
         "label_qualities": cfg.finetune.label_qualities,
         "config": config_to_dict(cfg),

@@ -67,8 +67,8 @@ def aggregate(runs: Sequence[dict[str, Any]], groups: Sequence[str], task: Task 
     return out
 
 
-def _fmt(mean: float, std: float, n: int) -> str:
-    if not math.isfinite(mean):
+def _fmt(mean: float | None, std: float | None, n: int) -> str:
+    if mean is None or std is None or not math.isfinite(mean):  # JSON keeps NaN as null
         return "n/a"
     return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}"
 

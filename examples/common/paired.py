@@ -104,10 +104,15 @@ def paired_differences(
     return out
 
 
+def _num(x: float | None) -> float:
+    """A number of ``paired.json`` (JSON writes NaN as ``null``)."""
+    return math.nan if x is None else float(x)
+
+
 def _ci(d: dict[str, Any]) -> str:
-    if not math.isfinite(d["mean"]):
+    if not math.isfinite(_num(d["mean"])):
         return "n/a"
-    if not math.isfinite(d["low"]):
+    if not math.isfinite(_num(d["low"])):
         return f"{d['mean']:+.3f}"
     return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
@@ -151,9 +156,9 @@ def plot_paired(
     for j, key in enumerate(names):
         entry = paired[key]
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(quantities))]
-        means = [entry[q]["mean"] for q in quantities]
-        lows = [entry[q]["low"] for q in quantities]
-        highs = [entry[q]["high"] for q in quantities]
+        means = [_num(entry[q]["mean"]) for q in quantities]
+        lows = [_num(entry[q]["low"]) for q in quantities]
+        highs = [_num(entry[q]["high"]) for q in quantities]
         err = [
             [m - lo if math.isfinite(lo) else 0.0 for m, lo in zip(means, lows, strict=True)],
             [hi - m if math.isfinite(hi) else 0.0 for m, hi in zip(means, highs, strict=True)],

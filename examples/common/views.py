@@ -140,7 +140,12 @@ def render_cached(
             logger.warning("re-rendering unreadable cache %s (%s)", path, err)
     n = len(jobs)
     if workers > 1:
-        ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+        # not fork: a process forked after torch's OpenMP pool has run (rendering a repeat's data after the
+        # previous repeat trained) can hang on a lock held at the fork. A fork server is a clean process
+        # (started once, with the renderer's module imported) that forks the workers quickly.
+        ctx = multiprocessing.get_context("forkserver" if hasattr(os, "fork") else "spawn")
+        if hasattr(os, "fork"):
+            ctx.set_forkserver_preload([render_one.__module__])
         with ctx.Pool(workers) as pool:
             items = list(progress(pool.imap(render_one, jobs, chunksize=4), desc, total=n, leave=True))
     else:

@@ -225,3 +225,51 @@ def test_comparison_pairs() -> None:
     pairs = comparison_pairs(methods)
     assert pairs[:5] == [(m, "ce") for m in methods[1:]]
     assert pairs[5:] == [("comcl", "simclr"), ("comcl", "supcon")]
+
+
+# ---------------------------------------------------------------- RESULTS.md generation
+
+
+def _fake_comparison(out: Path) -> None:
+    from examples.common.compare import aggregate
+    from examples.common.runlog import write_json
+
+    groups = ["good", "usable", "reject"]
+    runs = {
+        "ce": [_run_metrics(s, 0.70 + 0.01 * s, 0.80, 0.50) for s in range(3)],
+        "comcl": [_run_metrics(s, 0.78 + 0.01 * s, 0.82, 0.70 + 0.01 * s) for s in range(3)],
+    }
+    for m, rs in runs.items():
+        for r in rs:
+            r["labelled_images"] = 128
+            for g in groups:
+                r["per_quality"][g]["n"] = 10
+            write_json(out / m / f"seed{r['seed']}" / "timing.json", {"finetune_s": 30.0, "evaluate_s": 1.0})
+    write_json(out / "pretrain" / "comcl" / "seed0" / "timing.json", {"pretrain_s": 60.0})
+    write_json(out / "compare.json", {m: aggregate(rs, groups) for m, rs in runs.items()})
+    write_json(out / "paired.json", paired_differences(runs, groups, comparison_pairs(list(runs))))
+    write_json(out / "protocol.json", {"command": "train.py --compare", "machine": "test machine", "torch_threads": 2})
+
+
+def test_report_rewrites_only_its_section(tmp_path: Path) -> None:
+    from examples.common.results_md import main as report
+
+    _fake_comparison(tmp_path / "run")
+    assert report(["collect", str(tmp_path / "run"), str(tmp_path / "repo" / "results" / "bench")]) == 0
+    timing = json.loads((tmp_path / "repo" / "results" / "bench" / "timing.json").read_text())
+    assert timing["total_s"] == 6 * 31.0 + 60.0
+    md = tmp_path / "repo" / "RESULTS.md"
+    md.write_text(
+        "# Results\n\nhand-written text\n\n<!-- BEGIN generated:other -->\nkept\n<!-- END generated:other -->\n"
+    )
+    args = ["render", str(tmp_path / "repo" / "results" / "bench"), str(md), "--name", "bench"]
+    assert report(args) == 0
+    first = md.read_text()
+    assert "hand-written text" in first
+    assert "<!-- BEGIN generated:other -->\nkept\n" in first
+    assert "| CoMCL (full) − cross-entropy only | 3 | +0.080 [+0.080, +0.080]" in first
+    assert "goal ≥ +0.05 with the interval above 0: **met**" in first
+    assert "ratio 0.367" in first  # mean drops 0.11 vs 0.30
+    assert report(args) == 0
+    assert md.read_text() == first  # rewriting replaces the section, nothing is appended twice
+    assert report(["collect", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
