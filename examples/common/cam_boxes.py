@@ -2,7 +2,11 @@
 
 The map is Grad-CAM (Selvaraju et al., ICCV 2017, https://arxiv.org/abs/1610.02391) computed with
 captum's :class:`~captum.attr.LayerGradCam` at a chosen ResNet stage of the pipeline's own
-cross-entropy / BCE classifier. The target is the disease, not the prediction:
+cross-entropy / BCE classifier. Captum (maintained by the PyTorch team) rather than ``grad-cam``:
+it needs nothing the examples do not already install (torch, numpy, matplotlib, tqdm), while
+``grad-cam`` pulls in OpenCV, scikit-learn and ttach; both take a module and a target index.
+
+The target is the disease, not the prediction:
 
 * EyeQ: the "any DR" evidence, the log-odds of grades >= 1 against grade 0
   (``logsumexp(logits[1:]) - logits[0]``), computed for images whose label is >= 1 only;
