@@ -10,6 +10,7 @@ Usage::
 
     python benchmarks/bench_loss.py                 # CPU sizes 256, 1024, 2048 (+ fused-only curve)
     python benchmarks/bench_loss.py --device cuda   # 1024, 4096, 8192, 16384
+    python benchmarks/bench_loss.py --bank-capacities   # only: memory of the loss with an index, 64k ... 4M slots
 """
 
 from __future__ import annotations
@@ -289,6 +290,78 @@ def plot(curve: list[tuple[int, float]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+# ------------------------------------------------------------ memory of the loss with an index, by capacity
+BANK_N, BANK_K = 65, 64  # fixed N * k: 65 views (13 lesion boxes' V1a/V1b/V2, V3/V4 of 13 healthy patches)
+BANK_CAPACITIES = [1 << 16, 1 << 18, 1 << 20, 1 << 22]  # 64k ... 4M slots
+
+
+def bank_worker(capacity: int, device_name: str) -> dict[str, Any]:
+    """Peak memory above the inputs with a full index of ``capacity`` slots (fresh process): of the loss given
+    the search's candidates into the whole buffer (``multilevel_info_nce``), and of a whole step (search + loss)."""
+    from mlcl_losses import HardNegativeIndex, MultiLevelContrastiveLoss, ViewTags, comcl_levels
+    from mlcl_losses.functional import multilevel_info_nce
+
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    index = HardNegativeIndex(dim=DIM, capacity=capacity, device=device, backend="auto")
+    for start in range(0, capacity, 1 << 18):
+        m = min(1 << 18, capacity - start)
+        kind, quality = torch.randint(0, 2, (2, m))
+        index.add(
+            torch.randn(m, DIM, device=device), ViewTags(kind, quality, start + BANK_N + torch.arange(m)).to(device)
+        )
+    levels = comcl_levels()
+    criterion = MultiLevelContrastiveLoss(levels, temperature=TEMPERATURE, index=index, k=BANK_K)
+    tags, z0 = comcl_tags(BANK_N, device), torch.randn(BANK_N, DIM, device=device)
+    candidates = []
+    for level in levels:  # each level's hits, as slots of the whole buffer
+        cand = torch.full((BANK_N, BANK_K), -1, dtype=torch.long, device=device)
+        rows = level.anchors(tags).nonzero()[:, 0]
+        cand[rows] = index.search(z0[rows], BANK_K, negatives=level, exclude_source=tags.source[rows]).indices
+        candidates.append(cand)
+    bank = (index.embeddings, index.tags)
+    steps = {
+        "loss": lambda z: multilevel_info_nce(z, tags, levels, TEMPERATURE, bank=bank, candidates=candidates)[0],
+        "step": lambda z: criterion(z, tags)[0],
+    }
+    out: dict[str, Any] = {"status": "ok", "index_mib": capacity * DIM * 4 / 2**20, "backend": index.backend_name}
+    for name, fn in steps.items():
+        fn(z0.clone().requires_grad_()).backward()  # warm-up, twice (first-call initialisation, steady state)
+        fn(z0.clone().requires_grad_()).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            base = _rss_kib("VmRSS") * 1024
+        fn(z0.clone().requires_grad_()).backward()
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
+        out[f"{name}_peak_mib"] = max(peak - base, 0) / 2**20
+    return out
+
+
+def bank_memory_row(capacities: list[int], device: str, out: Path) -> None:
+    """Peak memory of a loss step above its inputs against the index's capacity, at fixed N * k (flat: O(N k D))."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+    rows = []
+    for capacity in capacities:
+        cmd = [sys.executable, __file__, "--bank-worker", str(capacity), "--device", device]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or [""]
+        res = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"status": tail[0][:160]}
+        rows.append({"capacity": capacity, **res})
+        shown = (
+            f"loss {res['loss_peak_mib']:7.1f} MiB; step (search + loss) {res['step_peak_mib']:7.1f} MiB"
+            if res["status"] == "ok"
+            else res["status"]
+        )
+        print(f"capacity={capacity:8d} (N={BANK_N}, k={BANK_K}, D={DIM}) {shown}", flush=True)
+    info = machine(device)
+    out.write_text(json.dumps({"machine": info, "n": BANK_N, "k": BANK_K, "dim": DIM, "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -301,9 +374,22 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default: results/loss_<device>.json)")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--bank-capacities", type=int, nargs="*", help="only the index-capacity memory row (no values: 64k ... 4M)"
+    )
+    parser.add_argument("--bank-worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.bank_worker:
+        print(json.dumps(bank_worker(args.bank_worker, args.device)))
+        return
+    if args.bank_capacities is not None:
+        RESULTS.mkdir(exist_ok=True)
+        tag = "cuda" if args.device.startswith("cuda") else "cpu"
+        out = args.out or RESULTS / f"loss_bank_memory_{tag}.json"
+        bank_memory_row(args.bank_capacities or BANK_CAPACITIES, args.device, out)
+        return
     if args.worker:
         print(
             json.dumps(worker(args.worker[0], int(args.worker[1]), args.device, args.repeats, args.cap, args.mem_cap))
