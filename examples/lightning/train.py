@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 import lightning as L  # noqa: E402
+from examples.common.models import TIMM_PREFIX  # noqa: E402
 from examples.lightning.data import SyntheticFourViewData  # noqa: E402
 from examples.lightning.module import CoMCLModule, ResumeError  # noqa: E402
 
@@ -40,7 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=40, help="optimiser steps (the planned length of training)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
     parser.add_argument("--arch", default="resnet18", help="resnet18|resnet34|resnet50 or timm:<name>")
-    parser.add_argument("--width", type=float, default=0.25, help="torchvision ResNet width (1.0 for timm)")
+    parser.add_argument(
+        "--width", type=float, default=None, help="torchvision ResNet width (default 0.25; timm models take none)"
+    )
     parser.add_argument("--images", type=int, default=64, help="synthetic fundus images")
     parser.add_argument("--image-size", type=int, default=96, help="image side in pixels")
     parser.add_argument("--patch", type=int, default=32, help="patch side in pixels")
@@ -77,9 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             num_workers=args.num_workers,
         )
+        width = args.width if args.width is not None else (1.0 if args.arch.startswith(TIMM_PREFIX) else 0.25)
         module = CoMCLModule(
             arch=args.arch,
-            width=args.width,
+            width=width,
             bank_size=args.bank_size,
             k=args.k,
             index_backend=args.index_backend,

@@ -138,3 +138,19 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     refused = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600, check=False)
     assert refused.returncode != 0
     assert "index shards of 2 process(es); resume it with the same number, not 1" in refused.stderr
+
+
+def test_cli_with_a_timm_backbone_and_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from examples.lightning.train import main
+
+    tiny = ["--images", "8", "--image-size", "64", "--patch", "24", "--batch-images", "4"]
+    tiny += ["--bank-size", "64", "--k", "4", "--index-backend", "torch"]
+    assert main(["--out", str(tmp_path / "timm"), "--steps", "2", "--arch", "timm:test_resnet", *tiny]) == 0
+    assert "2 steps; pace at step 2" in capsys.readouterr().out
+    module = CoMCLModule.load_from_checkpoint(tmp_path / "timm" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert module.hparams.arch == "timm:test_resnet"
+    assert module.model.head.net[0].in_features == 96  # test_resnet's feature width
+    assert main(["--out", str(tmp_path / "x"), "--arch", "timm:test_resnet", "--width", "0.5"]) == 2
+    assert "`width` 1.0 with a timm backbone" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "--resume: no checkpoint" in capsys.readouterr().err
