@@ -119,13 +119,16 @@ def write_rows(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> N
     tmp.replace(out)
 
 
-def build_parser(prog: str = "python -m examples.common.predict") -> argparse.ArgumentParser:
-    """Arguments of the predict command."""
+def build_parser(
+    prog: str = "python -m examples.common.predict", choose_pipeline: bool = True
+) -> argparse.ArgumentParser:
+    """Arguments of the predict command (``--pipeline`` only where the pipeline is not fixed)."""
     p = argparse.ArgumentParser(prog=prog, description="Apply a trained run's classifier to new images.")
     p.add_argument("run", type=Path, help="run directory or its checkpoint.pt")
     p.add_argument("input", type=Path, help="an image file, a folder of images, or a CSV of image paths")
     p.add_argument("--out", type=Path, required=True, help="predictions file: .csv or .json")
-    p.add_argument("--pipeline", choices=("eyeq", "chestxray"), default=None, help="refuse another pipeline's run")
+    if choose_pipeline:
+        p.add_argument("--pipeline", choices=("eyeq", "chestxray"), default=None, help="refuse another pipeline's run")
     p.add_argument("--batch-size", type=int, default=32)
     return p
 
@@ -138,7 +141,7 @@ def main(argv: Sequence[str] | None = None, pipeline: str | None = None, prog: s
         pipeline: refuse a run of another pipeline (the pipelines' own ``predict.py`` set it).
         prog: program name in the usage line.
     """
-    args = build_parser(prog or "python -m examples.common.predict").parse_args(argv)
+    args = build_parser(prog or "python -m examples.common.predict", pipeline is None).parse_args(argv)
     try:
         return _main(args, pipeline or args.pipeline)
     except (ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
