@@ -344,12 +344,20 @@ def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[st
 
     def cached(m: str, s: int, d: Path) -> dict[str, Any]:
         metrics = finetuned(m, s, d)
-        if args.probes and m != "ce" and not ddp.info().enabled:  # probes of the frozen encoder (one process)
-            from examples.common.probe_report import probe_encoder
+        if args.probes and not ddp.info().enabled:  # probes of the frozen encoder (one process)
+            from examples.common.probe_report import probe_encoder, probe_initial
 
-            encoder_file = pretrain(m, s)  # the cached encoder (its data draw loaded)
-            if data_cache[s].probe_views is not None:  # a pipeline with held-out probe patches (EyeQ)
-                probes = probe_encoder(encoder_file, m, s, cfg.model, data_cache[s], cfg.run.device)
+            encoder_file = None if m == "ce" else pretrain(m, s)  # the cached encoder (its data draw loaded)
+            if s not in data_cache:
+                data_cache.clear()
+                data_cache[s] = spec.build_data(cfg, s, args)
+            data, device = data_cache[s], cfg.run.device
+            if data.probe_views is not None:  # a pipeline with held-out probe patches (EyeQ)
+                probes = (
+                    probe_initial(s, cfg.model, data, d / "probes.json", device)  # ce: the initial encoder
+                    if encoder_file is None
+                    else probe_encoder(encoder_file, m, s, cfg.model, data, device)
+                )
                 metrics = dict(metrics, probes=probes)
         return metrics
 

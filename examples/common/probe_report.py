@@ -6,7 +6,9 @@ fingerprint). :func:`probe_summary` aggregates the probes of a comparison's runs
 ``metrics["probes"]``) per method and pairs them, as the benchmark protocol pairs fine-tuning
 scores: per repeat the difference CoMCL − reference (SimCLR, SupCon, the ablations), its mean and a
 95 % Student's t-interval over the repeats (``scipy.stats.ttest_1samp``); :func:`probe_table` and
-:func:`plot_probe_pairs` show them. Cross-entropy only has no pre-trained encoder and no probe.
+:func:`plot_probe_pairs` show them. Cross-entropy only has no pre-trained encoder: its row is the
+encoder every method of the repeat starts from (:func:`initial_encoder`), the reference without
+pre-training.
 """
 
 from __future__ import annotations
@@ -34,9 +36,12 @@ from examples.common.probes import (
 from examples.common.runlog import write_json
 
 __all__ = [
+    "INITIAL_LABEL",
     "PROBE_TITLES",
+    "initial_encoder",
     "plot_probe_pairs",
     "probe_encoder",
+    "probe_initial",
     "probe_pairs",
     "probe_section",
     "probe_summary",
@@ -51,6 +56,7 @@ PROBE_TITLES = {
     "invariance_auroc": "quality invariance AUROC",
     "invariance_margin": "quality invariance margin",
 }
+INITIAL_LABEL = "initial encoder (no pre-training)"
 CONFIDENCE = 0.95
 RETRIEVAL_K = 10
 
@@ -92,32 +98,69 @@ def run_probes(encoder: torch.nn.Module, data: PipelineData, device: str = "cpu"
     return out
 
 
-def probe_encoder(
-    encoder_file: Path, method: str, seed: int, model_cfg: Any, data: PipelineData, device: str = "cpu"
-) -> dict[str, Any]:
-    """:func:`run_probes` of the encoder in ``encoder_file``, cached in ``probes.json`` beside it (per fingerprint)."""
-    state = load_encoder(encoder_file, method, seed)
-    cache = Path(encoder_file).with_name("probes.json")
+def _cached(cache: Path, fingerprint: str, make: Any, data: PipelineData, device: str, info: dict) -> dict[str, Any]:
     if cache.is_file():
         found = json.loads(cache.read_text(encoding="utf-8"))
-        if found.get("fingerprint") == state["fingerprint"]:
+        if found.get("fingerprint") == fingerprint:
             return dict(found["probes"])
-    encoder = build_encoder(model_cfg.arch, model_cfg.width, None)
-    encoder.load_state_dict(state["encoder"])
-    probes = run_probes(encoder.to(device), data, device)
-    write_json(cache, {"fingerprint": state["fingerprint"], "method": method, "seed": seed, "probes": probes})
+    probes = run_probes(make().to(device), data, device)
+    write_json(cache, {"fingerprint": fingerprint, **info, "probes": probes})
     return json.loads(cache.read_text(encoding="utf-8"))["probes"]  # NaN as null, as every reader sees it
 
 
+def probe_encoder(
+    encoder_file: Path,
+    method: str,
+    seed: int,
+    model_cfg: Any,
+    data: PipelineData,
+    device: str = "cpu",
+    cache: Path | None = None,
+) -> dict[str, Any]:
+    """:func:`run_probes` of the encoder in ``encoder_file`` (read weights-only; method and seed checked).
+
+    The result is cached in ``cache`` (default ``probes.json`` beside the encoder) with the encoder's
+    fingerprint, and read from there while the fingerprint matches.
+    """
+    state = load_encoder(encoder_file, method, seed)
+
+    def make() -> torch.nn.Module:
+        encoder = build_encoder(model_cfg.arch, model_cfg.width, None)
+        encoder.load_state_dict(state["encoder"])
+        return encoder
+
+    cache = Path(encoder_file).with_name("probes.json") if cache is None else Path(cache)
+    return _cached(cache, str(state["fingerprint"]), make, data, device, {"method": method, "seed": seed})
+
+
+def initial_encoder(model_cfg: Any, seed: int) -> torch.nn.Module:
+    """The encoder every method of repeat ``seed`` starts from (``torch.manual_seed(seed)``, then built).
+
+    The pipeline seeds everything with the run's seed and builds the encoder first, so this is the
+    initialisation of every method's pre-training in that repeat (and of cross-entropy only's
+    fine-tuning): the probes' reference without pre-training. The global RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_encoder(model_cfg.arch, model_cfg.width, model_cfg.weights)
+
+
+def probe_initial(seed: int, model_cfg: Any, data: PipelineData, cache: Path, device: str = "cpu") -> dict[str, Any]:
+    """:func:`run_probes` of :func:`initial_encoder`, cached in ``cache`` (keyed by the model config and seed)."""
+    key = json.dumps({"initial": True, "seed": seed, "model": vars(model_cfg)}, sort_keys=True, default=str)
+    return _cached(Path(cache), key, lambda: initial_encoder(model_cfg, seed), data, device, {"seed": seed})
+
+
 def probe_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
-    """``(comcl, reference)`` for each other pre-training method present.
+    """CoMCL against each other method present (``ce``: the initial encoder), then SimCLR against ``ce``.
 
     Examples:
         >>> probe_pairs(["ce", "simclr", "comcl_no_spl", "comcl"])
-        [('comcl', 'simclr'), ('comcl', 'comcl_no_spl')]
+        [('comcl', 'ce'), ('comcl', 'simclr'), ('comcl', 'comcl_no_spl'), ('simclr', 'ce')]
     """
-    refs = ("simclr", "supcon", "comcl_no_spl", "comcl_no_quality")
-    return [("comcl", r) for r in refs if "comcl" in methods and r in methods]
+    refs = ("ce", "simclr", "supcon", "comcl_no_spl", "comcl_no_quality")
+    pairs = [("comcl", r) for r in refs if "comcl" in methods and r in methods]
+    return pairs + ([("simclr", "ce")] if "simclr" in methods and "ce" in methods else [])
 
 
 def _value(run: dict[str, Any], key: str) -> float | None:
@@ -246,6 +289,7 @@ def probe_section(runs: dict[str, Sequence[dict[str, Any]]], out: str | Path, la
     summary = probe_summary(runs)
     if not summary["methods"]:
         return ""
+    labels = labels | {"ce": INITIAL_LABEL}
     out = Path(out)
     write_json(out / "probes.json", summary)
     if any(e[k]["n"] >= 2 for e in summary["paired"].values() for k in PROBE_KEYS):

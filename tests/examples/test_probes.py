@@ -200,17 +200,63 @@ def test_compare_writes_probes_with_paired_intervals(tmp_path: Path, cache_dir: 
     args = ("--compare", "--methods", "ce,simclr,comcl", "--seeds", "2", "--set", "finetune.epochs=1")
     assert run_tiny(main, TINY, out, cache_dir, *args) == 0
     summary = json.loads((out / "probes.json").read_text())
-    assert set(summary["methods"]) == {"simclr", "comcl"}
+    assert set(summary["methods"]) == {"ce", "simclr", "comcl"}  # ce: the initial encoder
+    assert set(summary["paired"]) == {"comcl - ce", "comcl - simclr", "simclr - ce"}
     pair = summary["paired"]["comcl - simclr"]
     assert pair["seeds"] == [0, 1]
     for key in PROBE_KEYS:
         assert pair[key]["n"] == 2, key
         assert pair[key]["low"] <= pair[key]["mean"] <= pair[key]["high"], key
     runs = json.loads((out / "compare.json").read_text())
-    assert "probes" not in runs["ce"]["runs"][0]
+    initial = runs["ce"]["runs"][0]["probes"]
+    assert json.loads((out / "ce" / "seed0" / "probes.json").read_text())["probes"] == initial
+    assert initial != runs["comcl"]["runs"][0]["probes"]  # pre-training moved the encoder
     probed = runs["comcl"]["runs"][1]["probes"]
     assert probed["artefact_auroc"] == summary["methods"]["comcl"]["artefact_auroc"]["per_repeat"][1]
     cached = json.loads(next((out / "pretrain").glob("comcl*/seed1/probes.json")).read_text())
     assert cached["probes"] == probed
     assert "Probes of the frozen pre-trained encoders" in (out / "compare.md").read_text()
     assert (out / "paired_probes.png").stat().st_size > 0
+    # the stand-alone command probes the same encoders to the same numbers, and fills a results section
+    from examples.eyeq.probe import BEGIN, END
+    from examples.eyeq.probe import main as probe_main
+
+    md = tmp_path / "RESULTS.md"
+    md.write_text(f"# results\n\nkept\n\n{BEGIN}\nold\n{END}\n\nkept too\n")
+    argv = ["--config", str(out / "config.yaml"), "--pretrained", str(out / "pretrain"), "--out", str(tmp_path / "p")]
+    assert probe_main([*argv, "--results-md", str(md)]) == 0
+    again = json.loads((tmp_path / "p" / "probes.json").read_text())
+    assert again["methods"] == summary["methods"]
+    assert again["paired"] == summary["paired"]
+    text = md.read_text()
+    assert "old" not in text
+    assert text.startswith("# results\n\nkept\n")
+    assert text.endswith("kept too\n")
+    assert "CoMCL (full) − SimCLR pre-training" in text
+    assert probe_main([*argv, "--results-md", str(tmp_path / "p" / "probes.md")]) == 2  # no markers: refused
+
+
+def test_replace_section_needs_one_pair_of_markers() -> None:
+    from examples.eyeq.probe import BEGIN, END, replace_section
+
+    assert replace_section(f"a{BEGIN}x{END}b", "new\n") == f"a{BEGIN}\nnew\n{END}b"
+    for bad in ("no markers", f"{END}{BEGIN}", f"{BEGIN}{BEGIN}{END}"):
+        with pytest.raises(ValueError, match="expected one"):
+            replace_section(bad, "")
+
+
+def test_initial_encoder_is_where_every_run_of_the_repeat_starts() -> None:
+    from examples.common.checkpoint import seed_everything
+    from examples.common.config import ModelConfig
+    from examples.common.probe_report import initial_encoder
+
+    cfg = ModelConfig(arch="resnet18", width=0.125)
+    seed_everything(3)  # as run_pipeline does before building its encoder
+    expected = build_encoder(cfg.arch, cfg.width, cfg.weights).state_dict()
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    got = initial_encoder(cfg, 3).state_dict()
+    assert torch.equal(torch.random.get_rng_state(), before)  # the global RNG is untouched
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    other = initial_encoder(cfg, 4).state_dict()
+    assert not torch.equal(other["conv1.weight"], expected["conv1.weight"])
