@@ -218,11 +218,12 @@ def test_compare_writes_probes_with_paired_intervals(tmp_path: Path, cache_dir: 
     assert "Probes of the frozen pre-trained encoders" in (out / "compare.md").read_text()
     assert (out / "paired_probes.png").stat().st_size > 0
     # the stand-alone command probes the same encoders to the same numbers, and fills a results section
-    from examples.eyeq.probe import BEGIN, END
     from examples.eyeq.probe import main as probe_main
 
     md = tmp_path / "RESULTS.md"
-    md.write_text(f"# results\n\nkept\n\n{BEGIN}\nold\n{END}\n\nkept too\n")
+    md.write_text(
+        "# results\n\nkept\n\n<!-- BEGIN generated:probes -->\nold\n<!-- END generated:probes -->\n\nkept too\n"
+    )
     argv = ["--config", str(out / "config.yaml"), "--pretrained", str(out / "pretrain"), "--out", str(tmp_path / "p")]
     assert probe_main([*argv, "--results-md", str(md)]) == 0
     again = json.loads((tmp_path / "p" / "probes.json").read_text())
@@ -233,16 +234,8 @@ def test_compare_writes_probes_with_paired_intervals(tmp_path: Path, cache_dir: 
     assert text.startswith("# results\n\nkept\n")
     assert text.endswith("kept too\n")
     assert "CoMCL (full) − SimCLR pre-training" in text
-    assert probe_main([*argv, "--results-md", str(tmp_path / "p" / "probes.md")]) == 2  # no markers: refused
-
-
-def test_replace_section_needs_one_pair_of_markers() -> None:
-    from examples.eyeq.probe import BEGIN, END, replace_section
-
-    assert replace_section(f"a{BEGIN}x{END}b", "new\n") == f"a{BEGIN}\nnew\n{END}b"
-    for bad in ("no markers", f"{END}{BEGIN}", f"{BEGIN}{BEGIN}{END}"):
-        with pytest.raises(ValueError, match="expected one"):
-            replace_section(bad, "")
+    assert "](p/paired_probes.png)" in text
+    assert probe_main([*argv, "--results-md", str(tmp_path / "missing.md")]) == 2
 
 
 def test_initial_encoder_is_where_every_run_of_the_repeat_starts() -> None:
