@@ -1,9 +1,9 @@
 """How well proposed boxes find known lesions: recall and precision at an IoU, and two baselines.
 
 * recall of a lesion kind at IoU ``t``: the fraction of true boxes of that kind that some proposed
-  box of the same image overlaps with IoU >= ``t``;
+  box of the same image (of the same kind, where proposals name one) overlaps with IoU >= ``t``;
 * precision at IoU ``t``: the fraction of proposed boxes that overlap some true box of their image
-  (any kind) with IoU >= ``t``;
+  (of their kind, where they name one) with IoU >= ``t``;
 * centre hit: the fraction of true boxes whose centre lies inside some proposed box (a looser
   measure for lesions much smaller than a map cell).
 
@@ -30,11 +30,14 @@ class ImageBoxes:
         true: ``(K, 4)`` float true boxes ``x1, y1, x2, y2``.
         kinds: ``(K,)`` int64 lesion kind of each true box.
         proposed: ``(P, 4)`` float proposed boxes.
+        proposed_kinds: ``(P,)`` int64 kind each proposal claims (e.g. the label whose map gave it);
+            a true box then matches only proposals of its own kind. ``None``: any proposal.
     """
 
     true: Tensor
     kinds: Tensor
     proposed: Tensor
+    proposed_kinds: Tensor | None = None
 
 
 def match_quality(
@@ -61,6 +64,10 @@ def match_quality(
         if len(im.true) == 0 or len(im.proposed) == 0:
             continue
         iou = box_iou(im.true.float(), im.proposed.float())  # (K, P)
+        same = torch.ones_like(iou, dtype=torch.bool)
+        if im.proposed_kinds is not None:  # a proposal counts only for true boxes of its own kind
+            same = im.kinds[:, None] == im.proposed_kinds[None, :]
+            iou = iou * same
         for t in iou_thresholds:
             hit = (iou >= t).any(1).float()
             found[t] += torch.bincount(im.kinds, weights=hit, minlength=n_kinds)
@@ -70,7 +77,7 @@ def match_quality(
         inside = (
             (cx[:, None] >= p[:, 0]) & (cx[:, None] <= p[:, 2]) & (cy[:, None] >= p[:, 1]) & (cy[:, None] <= p[:, 3])
         )
-        centre += torch.bincount(im.kinds, weights=inside.any(1).float(), minlength=n_kinds)
+        centre += torch.bincount(im.kinds, weights=(inside & same).any(1).float(), minlength=n_kinds)
 
     def per_kind(hits: Tensor) -> dict[str, float | None]:
         out: dict[str, float | None] = {

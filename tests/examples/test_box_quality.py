@@ -21,6 +21,16 @@ def test_recall_precision_and_centre_hits_of_a_known_case() -> None:
     assert q["boxes_per_image"] == 3.0
 
 
+def test_proposals_naming_a_kind_match_only_that_kind() -> None:
+    true = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    proposed = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    wrong = ImageBoxes(true, torch.tensor([0, 1]), proposed, proposed_kinds=torch.tensor([1, 1]))
+    q = match_quality([wrong], ["a", "b"])
+    assert q["recall"]["0.3"] == {"a": 0.0, "b": 1.0, "all": 0.5}
+    assert q["precision"]["0.3"] == 0.5
+    assert q["centre_hit"]["a"] == 0.0
+
+
 def test_no_proposals_score_zero_and_count_their_images() -> None:
     true = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
     q = match_quality([ImageBoxes(true, torch.tensor([0]), torch.zeros(0, 4))] * 2, ["a"])
