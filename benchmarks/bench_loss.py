@@ -115,11 +115,8 @@ def build(method: str, n: int, device: torch.device) -> Any:
         return naive
     if method in ("ours_reference", "ours_fused", "ours_fused_torch"):
         impl = "reference" if method == "ours_reference" else "fused"
-        if method == "ours_fused_torch":  # each case runs in its own process: the switch stays local
-            from mlcl_losses import _triton
-
-            _triton.ENABLED = False
-        return lambda z: multilevel_info_nce(z, tags, levels, TEMPERATURE, impl=impl)[0]
+        backend = "torch" if method == "ours_fused_torch" else "auto"
+        return lambda z: multilevel_info_nce(z, tags, levels, TEMPERATURE, impl=impl, backend=backend)[0]
     raise ValueError(f"unknown method {method!r}")
 
 

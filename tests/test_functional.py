@@ -1097,7 +1097,15 @@ BAD_INPUTS = [
         "`anchor_weights`",
     ),
     ("anchor-weights-type", lambda b, dev: {"anchor_weights": 2.0}, TypeError, "`anchor_weights`"),
-    ("fused-unsupported", lambda b, dev: {"impl": "fused", "tau_plus": 0.1}, ValueError, "impl='fused'"),
+    (
+        "fused-unsupported",
+        lambda b, dev: {"impl": "fused", "negative_weights": lambda h, m: torch.ones_like(h)},
+        ValueError,
+        "impl='fused'",
+    ),
+    ("backend", lambda b, dev: {"backend": "cuda"}, ValueError, "`backend`"),
+    ("block-rows", lambda b, dev: {"block_rows": 0}, ValueError, "`block_rows`"),
+    ("block-cols-type", lambda b, dev: {"block_cols": 2.0}, TypeError, "`block_cols`"),
 ]
 
 

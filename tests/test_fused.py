@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,20 +11,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mlcl_losses import Level, Select, ViewTags, _fused, comcl_levels
+from mlcl_losses._tiles import Plan
 from mlcl_losses.functional import multilevel_info_nce
 
 TOL = {torch.float64: {"rtol": 1e-10, "atol": 1e-10}, torch.float32: {"rtol": 1e-4, "atol": 1e-5}}
 
 
-@contextlib.contextmanager
-def blocks(rows: int, cols: int) -> Iterator[None]:
-    """Small tiles, so that tests cross tile borders (not a pytest fixture: hypothesis reuses it)."""
-    old = _fused.BLOCK_ROWS, _fused.BLOCK_COLS
-    _fused.BLOCK_ROWS, _fused.BLOCK_COLS = rows, cols
-    try:
-        yield
-    finally:
-        _fused.BLOCK_ROWS, _fused.BLOCK_COLS = old
+def blocks(rows: int, cols: int) -> dict[str, int]:
+    """Small tiles, so that tests cross tile borders (keyword arguments of the loss)."""
+    return {"block_rows": rows, "block_cols": cols}
 
 
 def random_tags(n: int, gen: torch.Generator, device: torch.device, sources: int | None = None) -> ViewTags:
@@ -98,6 +91,9 @@ def assert_same(results: list, dtype: torch.dtype) -> None:
     assert s0.keys() == s1.keys()
     for name in s0:
         for field, a, b in zip(s0[name]._fields, s0[name], s1[name], strict=True):
+            if field == "path":
+                assert (a, b) == ("reference", "fused-torch")
+                continue
             assert a.dtype == b.dtype, (name, field)
             torch.testing.assert_close(b, a, **tol, msg=f"{name}.{field}")
 
@@ -145,17 +141,17 @@ def test_fused_equals_reference_float64(
         negative_weights = torch.rand(n, n + c_b, generator=gen, dtype=torch.float64).to(device)
     elif weights == "callable":
         negative_weights = elementwise_weights
-    with blocks(block_rows, block_cols):
-        results = run_both(
-            z,
-            tags,
-            LEVELS[levels],
-            bank,
-            temperature=0.2,
-            denominator=denominator,
-            candidates=candidates,
-            negative_weights=negative_weights,
-        )
+    results = run_both(
+        z,
+        tags,
+        LEVELS[levels],
+        bank,
+        temperature=0.2,
+        denominator=denominator,
+        candidates=candidates,
+        negative_weights=negative_weights,
+        **blocks(block_rows, block_cols),
+    )
     assert_same(results, torch.float64)
 
 
@@ -168,10 +164,16 @@ def test_fused_equals_reference_float32_comcl(n: int, denominator: str, device: 
     z = torch.randn(m, 64, generator=gen).to(device)
     bank = (torch.randn(50, 64, generator=gen).to(device), comcl_tags(10, device))
     candidates = [torch.randint(-1, 50, (m, 6), generator=gen).to(device), None, None]
-    with blocks(16, 24):
-        results = run_both(
-            z, tags, comcl_levels(), bank, temperature=0.07, denominator=denominator, candidates=candidates
-        )
+    results = run_both(
+        z,
+        tags,
+        comcl_levels(),
+        bank,
+        temperature=0.07,
+        denominator=denominator,
+        candidates=candidates,
+        **blocks(16, 24),
+    )
     assert_same(results, torch.float32)
 
 
@@ -191,8 +193,7 @@ def test_fused_equals_reference_shared_images_and_label_level(denominator: str, 
     )
     levels = comcl_levels() + [Level("grade", Select(kind=1), Select(quality=0), "label", Select(kind=0), 0.5)]
     z = torch.randn(m, 16, generator=gen, dtype=torch.float64).to(device)
-    with blocks(5, 7):
-        results = run_both(z, tags, levels, temperature=0.3, denominator=denominator)
+    results = run_both(z, tags, levels, temperature=0.3, denominator=denominator, **blocks(5, 7))
     assert_same(results, torch.float64)
 
 
@@ -201,7 +202,7 @@ def test_tiles_cover_only_admitted_columns() -> None:
     n_sources = 40
     tags = comcl_tags(n_sources, torch.device("cpu"))
     levels = comcl_levels()
-    plan = _fused._Plan(tags, levels, 0.1, "pos_neg", None, 0, [None] * 3, [None] * 3, 16, 24)
+    plan = Plan(tags, levels, 0.1, "pos_neg", None, 0, [None] * 3, [None] * 3, 16, 24)
     z = torch.nn.functional.normalize(torch.randn(len(tags), 8), dim=1)
     covered = 0
     for group in plan.groups(plan.anchors):
@@ -226,15 +227,15 @@ def test_per_level_candidates_and_weights(device: torch.device) -> None:
         None,
     ]
     weights: list[Any] = [torch.rand(n, n + 3, dtype=torch.float64).to(device), elementwise_weights, None, None]
-    with blocks(6, 7):
-        results = run_both(
-            torch.randn(n, 32, generator=gen, dtype=torch.float64).to(device),
-            tags,
-            levels,
-            bank,
-            candidates=cands,
-            negative_weights=weights,
-        )
+    results = run_both(
+        torch.randn(n, 32, generator=gen, dtype=torch.float64).to(device),
+        tags,
+        levels,
+        bank,
+        candidates=cands,
+        negative_weights=weights,
+        **blocks(6, 7),
+    )
     assert_same(results, torch.float64)
 
 
@@ -262,7 +263,7 @@ def test_gradcheck_fused_function() -> None:
     bank_tags = random_tags(m, gen, torch.device("cpu"))
     levels = [Level.instance(), Level.supervised(weight=0.5)]
     for denominator in ("pos_neg", "all"):
-        plan = _fused._Plan(tags, levels, 0.5, denominator, bank_tags, m, [None, None], [None, None], 3, 4)
+        plan = Plan(tags, levels, 0.5, denominator, bank_tags, m, [None, None], [None, None], 3, 4)
         z = torch.randn(n, d, generator=gen, dtype=torch.float64, requires_grad=True)
         bank = torch.randn(m, d, generator=gen, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda a, b, p=plan: _fused._FusedInfoNCE.apply(a, b, p)[0], (z, bank))
@@ -301,8 +302,8 @@ def test_largest_allocation_is_a_tile() -> None:
     largest = {}
     for impl in ("reference", "fused"):
         z = torch.randn(n, 16, requires_grad=True)
-        with blocks(32, 64), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            loss, _ = multilevel_info_nce(z, tags, comcl_levels(), impl=impl)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss, _ = multilevel_info_nce(z, tags, comcl_levels(), impl=impl, **blocks(32, 64))
             loss.backward()
         largest[impl] = max(e.cpu_memory_usage for e in prof.events())
     assert largest["reference"] >= 4 * n * n  # an N x N float matrix
@@ -316,8 +317,8 @@ def test_autocast_bf16_matches_reference() -> None:
     out = []
     for impl in ("reference", "fused"):
         zz = z.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16), blocks(16, 32):
-            loss, _ = multilevel_info_nce(zz, tags, comcl_levels(), impl=impl)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = multilevel_info_nce(zz, tags, comcl_levels(), impl=impl, **blocks(16, 32))
         assert loss.dtype == torch.float32
         loss.backward()
         out.append((loss, zz.grad))
@@ -329,25 +330,36 @@ def not_elementwise(hardness: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(hardness)
 
 
+def test_only_a_non_elementwise_callable_falls_back() -> None:
+    tags = ViewTags(kind=[1] * 10, quality=[0] * 10, source=[i // 2 for i in range(10)])
+    z = torch.randn(10, 8)
+    ref, _ = multilevel_info_nce(z, tags, [Level.instance()], impl="reference", negative_weights=not_elementwise)
+    auto, stats = multilevel_info_nce(z, tags, [Level.instance()], impl="auto", negative_weights=not_elementwise)
+    torch.testing.assert_close(auto, ref)
+    assert stats["instance"].path == "reference"
+    with pytest.raises(ValueError, match="impl='fused'.*not_elementwise"):
+        multilevel_info_nce(z, tags, [Level.instance()], impl="fused", negative_weights=not_elementwise)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"anchor_weights": torch.ones(10)},
+        {"anchor_weights": torch.rand(10)},
         {"tau_plus": 0.1},
         {"beta": 0.5},
-        {"pair_mask": (None, None)},
-        {"negative_weights": not_elementwise},
+        {"pair_mask": (torch.rand(10, 10) > 0.2, torch.rand(10, 10) > 0.2)},
+        {"reduction": "none"},
     ],
-    ids=["anchor_weights", "tau_plus", "beta", "pair_mask", "callable"],
+    ids=["anchor_weights", "tau_plus", "beta", "pair_mask", "reduction_none"],
 )
-def test_unsupported_options_fall_back(kwargs: dict) -> None:
+def test_options_run_fused(kwargs: dict) -> None:
+    """Options the fused path once refused now run on it (``stats.path``) and equal the reference."""
     tags = ViewTags(kind=[1] * 10, quality=[0] * 10, source=[i // 2 for i in range(10)])
-    z = torch.randn(10, 8)
+    z = torch.randn(10, 8, dtype=torch.float64)
     ref, _ = multilevel_info_nce(z, tags, [Level.instance()], impl="reference", **kwargs)
-    auto, _ = multilevel_info_nce(z, tags, [Level.instance()], impl="auto", **kwargs)
-    torch.testing.assert_close(auto, ref)
-    with pytest.raises(ValueError, match="impl='fused'"):
-        multilevel_info_nce(z, tags, [Level.instance()], impl="fused", **kwargs)
+    auto, stats = multilevel_info_nce(z, tags, [Level.instance()], impl="auto", **kwargs)
+    assert stats["instance"].path == "fused-torch"
+    torch.testing.assert_close(auto, ref, **TOL[torch.float64])
 
 
 @pytest.mark.parametrize(
@@ -389,6 +401,5 @@ def test_fused_equals_reference_cuda(denominator: str) -> None:
     tags = comcl_tags(200, device)
     z = torch.randn(len(tags), 128, generator=gen).to(device)
     bank = (torch.randn(300, 128, generator=gen).to(device), comcl_tags(60, device))
-    with blocks(128, 256):
-        results = run_both(z, tags, comcl_levels(), bank, denominator=denominator)
+    results = run_both(z, tags, comcl_levels(), bank, denominator=denominator, **blocks(128, 256))
     assert_same(results, torch.float32)

@@ -93,6 +93,16 @@ def test_supports_only_what_the_kernels_compute(monkeypatch: pytest.MonkeyPatch)
     assert not _triton.supports(z, tags, levels, None, none, [torch.ones(4, 4)] + none[1:])
     assert not _triton.supports(z, tags, [Level.supervised()], None, [None], [None])  # label positives: dense
     assert not _triton.supports(z, tags, [Level.instance(name=str(i)) for i in range(9)], None, [None] * 9, [None] * 9)
+    assert not _triton.supports(z, tags, levels, None, none, none, tau_plus=0.1)
+    assert not _triton.supports(z, tags, levels, None, none, none, beta=0.5)
+    assert not _triton.supports(z, tags, levels, None, none, none, pair_mask=(None, None))
+
+
+def test_backend_triton_refuses_what_it_cannot_compute(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    tags = ViewTags(kind=[1, 1, 0, 0], quality=[0, 1, 0, 1], source=[0, 0, 1, 1])
+    with pytest.raises(ValueError, match="backend='triton'"):
+        multilevel_info_nce(torch.randn(4, 8), tags, comcl_levels(), impl="fused", backend="triton")
 
 
 def test_cpu_calls_never_dispatch_to_triton(monkeypatch: pytest.MonkeyPatch) -> None:

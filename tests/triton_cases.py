@@ -73,7 +73,10 @@ def run_case(case: tuple[str, int, int, str, str, bool, bool, int], seed: int) -
     (ref_grad,) = torch.autograd.grad(ref, x64, allow_unused=False)
     x32 = x.float().requires_grad_()
     assert _triton.supports(normalize_embeddings(x32), tags, levels, None, [None] * len(levels), [None] * len(levels))
-    out, out_stats = _triton.multilevel_info_nce_triton(normalize_embeddings(x32), tags, levels, 0.2, denominator)
+    out, out_stats = multilevel_info_nce(
+        x32, tags, levels, temperature=0.2, denominator=denominator, impl="fused", backend="triton"
+    )
+    assert all(v.path == "fused-triton" for v in out_stats.values())
     (grad,) = torch.autograd.grad(out, x32)
     # the kernel's statistics against dense masks of the reference
     z = normalize_embeddings(x32.detach())

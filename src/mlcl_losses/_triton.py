@@ -19,23 +19,23 @@ an ``N x N`` computation. Three Triton kernels do it without materialising anyth
   column-parallel kernel (no atomics).
 
 The positives of ``relation="source"`` levels are a few per anchor: they are enumerated from the
-tags (:func:`~mlcl_losses._fused.source_pairs`) and scored in torch, and the loss is assembled
+tags (:func:`~mlcl_losses._core.source_pairs`) and scored in torch, and the loss is assembled
 from them and :math:`L` with autograd (``denominator="pos_neg"``: :math:`l_i = \frac{1}{|P(i)|}
 \sum_p \operatorname{softplus}(L_i - s_{ip})`; ``"all"``: :math:`\log(e^{L_i} + \sum_p e^{s_{ip}})
 - \frac{1}{|P(i)|} \sum_p s_{ip}`), exactly as the reference does.
 
 Supported (:func:`supports`): CUDA float32 / float16 / bfloat16 embeddings (normalised and
 computed in float32; products in IEEE float32, not TF32), ``relation="source"`` levels, no
-bank, no mined candidates, no negative weights, and the options the torch fused path supports.
-Everything else takes the torch fused path. With ``TRITON_INTERPRET=1`` set before Triton is
-imported, the same kernels run on CPU tensors in Triton's interpreter (how the tests check
-them without a GPU).
+bank, no mined candidates, no negative weights, no ``tau_plus``/``beta``, no ``pair_mask``.
+Everything else takes the torch tiles. The kernels return per-anchor losses; anchor weights,
+level weights and the reduction are done by the caller, as for every path. With
+``TRITON_INTERPRET=1`` set before Triton is imported, the same kernels run on CPU tensors in
+Triton's interpreter (how the tests check them without a GPU).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 from collections.abc import Sequence
@@ -45,15 +45,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from mlcl_losses._core import PathResult, source_pairs
 from mlcl_losses.levels import Level
 from mlcl_losses.tags import ViewTags
 
-__all__ = ["ENABLED", "available", "multilevel_info_nce_triton", "neg_lse", "supports"]
+__all__ = ["available", "multilevel_info_nce_triton", "neg_lse", "supports"]
 
-logger = logging.getLogger(__name__)
-
-#: Use the Triton path on CUDA where it applies (set False to force the torch tiles, e.g. to compare).
-ENABLED: bool = True
 #: Rows and columns per tile. 32 x 32 tiles with 4 warps and 2 pipeline stages compile for sm_90
 #: without register spills at D <= 128 (64 x 64 spilled heavily: IEEE float32 ``tl.dot`` runs on
 #: CUDA cores, not tensor cores); measured with Triton 3.8's compiler, not yet timed on a GPU.
@@ -91,10 +88,16 @@ def supports(
     bank_z: Tensor | None,
     candidates: Sequence[Tensor | None],
     weights: Sequence[Any],
+    tau_plus: float = 0.0,
+    beta: float = 0.0,
+    pair_mask: Any = None,
 ) -> bool:
-    """Whether :func:`multilevel_info_nce_triton` computes these inputs (called after the torch fused path's check)."""
+    """Whether :func:`multilevel_info_nce_triton` computes these inputs (else the torch tiles do)."""
     return (
-        available(z.device)
+        tau_plus == 0
+        and beta == 0
+        and pair_mask is None
+        and available(z.device)
         and z.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and z.dim() == 2
         and z.shape[1] <= MAX_DIM
@@ -236,19 +239,16 @@ def neg_lse(z: Tensor, tags: ViewTags, levels: Sequence[Level], temperature: flo
 
 def multilevel_info_nce_triton(
     z: Tensor, tags: ViewTags, levels: list[Level], temperature: float, denominator: str
-) -> tuple[Tensor, dict[str, Any]]:
-    """The loss and statistics of :func:`~mlcl_losses.functional.multilevel_info_nce` via :func:`neg_lse`.
+) -> PathResult:
+    """The per-anchor losses of :func:`~mlcl_losses.functional.multilevel_info_nce` via :func:`neg_lse`.
 
     Called after validation, for inputs :func:`supports` accepts; ``z`` is L2-normalised.
+    Returns a :class:`~mlcl_losses._core.PathResult` (``path="fused-triton"``).
     """
-    from mlcl_losses._fused import source_pairs  # local imports: both modules import functional
-    from mlcl_losses.functional import LevelStats
-
     zf = z.float()
     n = zf.shape[0]
     lse, count, cos_sum = neg_lse(zf, tags, levels, temperature)
-    total = zf.sum() * 0.0  # keeps the graph connected: zero loss, zero gradient
-    stats: dict[str, Any] = {}
+    per_anchor_rows, valid_rows, anchor_rows, pos_sims, neg_sims = [], [], [], [], []
     for li, level in enumerate(levels):
         anchors = level.anchors(tags)
         a, p = source_pairs(tags.source, anchors, level.positives(tags))
@@ -267,22 +267,20 @@ def multilevel_info_nce_triton(
             pos_lse = torch.where(n_pos > 0, torch.log(pos_sum.clamp_min(1e-38)) + shift, -math.inf)
             mean_pos = torch.zeros_like(n_pos).index_add_(0, a, s_ap) / n_pos.clamp_min(1)
             per_anchor = torch.logaddexp(pos_lse, lse_l) - mean_pos
-        per_anchor = torch.where(valid, per_anchor, torch.zeros_like(per_anchor))
-        n_valid = valid.sum()
-        level_loss = per_anchor.sum() / n_valid.clamp_min(1).to(per_anchor.dtype)
-        total = total + level.weight * level_loss
+        per_anchor_rows.append(torch.where(valid, per_anchor, torch.zeros_like(per_anchor)))
+        valid_rows.append(valid)
+        anchor_rows.append(anchors)
         with torch.no_grad():
             vpair = valid[a]
             n_neg = count[li][valid].sum()
             zero = zf.new_zeros(())
-            stats[level.name] = LevelStats(
-                loss=level_loss.detach(),
-                anchors=n_valid,
-                skipped=(anchors & ~valid).sum(),
-                pos_sim=cos_ap[vpair].sum() / vpair.sum() if bool(vpair.any()) else zero,
-                neg_sim=cos_sum[li][valid].sum() / n_neg if bool(n_neg > 0) else zero,
-                valid=valid,
-            )
-    if not torch.compiler.is_compiling():
-        logger.debug("triton multilevel_info_nce: N=%d, levels=%d", n, len(levels))
-    return total, stats
+            pos_sims.append(cos_ap[vpair].sum() / vpair.sum() if bool(vpair.any()) else zero)
+            neg_sims.append(cos_sum[li][valid].sum() / n_neg if bool(n_neg > 0) else zero)
+    return PathResult(
+        torch.stack(per_anchor_rows),
+        torch.stack(valid_rows),
+        torch.stack(anchor_rows),
+        torch.stack(pos_sims),
+        torch.stack(neg_sims),
+        "fused-triton",
+    )

@@ -45,18 +45,40 @@ Type aliases of the signatures:
    :canonical: typing.Literal['auto', 'fused', 'reference']
 
    The ``impl`` option: the fused kernel, the reference implementation or ``"auto"``.
+
+.. py:type:: FusedBackend
+   :canonical: typing.Literal['auto', 'torch', 'triton']
+
+   The ``backend`` option of the fused path: torch tiles, Triton kernels or ``"auto"``.
+
+.. py:type:: Reduction
+   :canonical: typing.Literal['mean', 'none']
+
+   The ``reduction`` option: the mean loss or the per-anchor losses.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import numbers
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple, cast
+from typing import cast
 
 import torch
 from torch import Tensor
 
+from mlcl_losses import _fused, _triton
+from mlcl_losses._core import (
+    Denominator,
+    FusedBackend,
+    Impl,
+    LevelStats,
+    LossOptions,
+    PathResult,
+    Reduction,
+    check_options,
+    reduce_levels,
+)
 from mlcl_losses.levels import Level, bank_negative_mask, bank_positive_mask, level_masks, validate_levels
 from mlcl_losses.tags import ViewTags
 
@@ -67,12 +89,7 @@ __all__ = [
     "normalize_embeddings",
 ]
 
-Denominator = Literal["pos_neg", "all"]
-_DENOMINATORS: tuple[str, ...] = ("pos_neg", "all")
-Reduction = Literal["mean", "none"]
-_REDUCTIONS: tuple[str, ...] = ("mean", "none")
-Impl = Literal["auto", "fused", "reference"]
-_IMPLS: tuple[str, ...] = ("auto", "fused", "reference")
+logger = logging.getLogger(__name__)
 
 #: A negative weighting ``fn(hardness, mask) -> weights``, where ``hardness`` is the
 #: ``(N, C)`` anchor–candidate cosine similarity (detached), ``mask`` the ``(N, C)``
@@ -81,26 +98,6 @@ _IMPLS: tuple[str, ...] = ("auto", "fused", "reference")
 NegativeWeightFn = Callable[[Tensor, Tensor], Tensor]
 NegativeWeights = Tensor | NegativeWeightFn | None
 AnchorWeightFn = Callable[[Tensor, Tensor], Tensor]
-
-
-class LevelStats(NamedTuple):
-    """Statistics of one level (all 0-dim tensors, detached).
-
-    Attributes:
-        loss: the level's mean anchor loss (before its weight).
-        anchors: anchors that contributed.
-        skipped: anchors of the level with no positive or no negative.
-        pos_sim: mean cosine similarity over the contributing anchors' positive pairs.
-        neg_sim: mean cosine similarity over their negative pairs (unweighted).
-        valid: ``(N,)`` bool, which embeddings contributed as anchors.
-    """
-
-    loss: Tensor
-    anchors: Tensor
-    skipped: Tensor
-    pos_sim: Tensor
-    neg_sim: Tensor
-    valid: Tensor
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -142,19 +139,6 @@ def normalize_embeddings(embeddings: Tensor, name: str = "embeddings") -> Tensor
         raise ValueError(f"Expected non-zero rows in `{name}` (cosine similarity is undefined), but row {row} is zero")
     x = x / scale
     return x / x.norm(dim=1, keepdim=True)
-
-
-def _check_real(name: str, value: object) -> None:
-    """Refuse a value that is not a real Python/NumPy number (a tensor, a string, a bool): ``TypeError``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"Expected `{name}` to be a float, but got {type(value).__name__}")
-
-
-def _check_temperature(temperature: object) -> None:
-    """``temperature``: a real number, > 0 and finite (``TypeError`` / ``ValueError`` naming it)."""
-    _check_real("temperature", temperature)
-    if not (temperature > 0) or math.isinf(temperature):  # type: ignore[operator,arg-type]
-        raise ValueError(f"Expected `temperature` > 0 and finite, but got {temperature}")
 
 
 def _check_tags(tags: object, n: int, name: str) -> None:
@@ -321,6 +305,10 @@ def multilevel_info_nce(
     pair_mask: tuple[Tensor | None, Tensor | None] | None = None,
     reduction: Reduction = "mean",
     impl: Impl = "auto",
+    *,
+    backend: FusedBackend = "auto",
+    block_rows: int | None = None,
+    block_cols: int | None = None,
 ) -> tuple[Tensor, dict[str, LevelStats]]:
     r"""Multi-level InfoNCE over tagged embeddings (see the module docstring for the equation).
 
@@ -355,8 +343,15 @@ def multilevel_info_nce(
         reduction: ``"mean"`` (the loss above) or ``"none"``: a ``(L, N)`` tensor of per-anchor
             losses times the level weight (``anchor_weights`` applied, 0 where an anchor did not
             contribute; ``stats[name].valid`` says which did).
-        impl: ``"reference"`` (dense, for tests), ``"fused"`` (tiled, memory-lean) or
-            ``"auto"`` (fused where available).
+        impl: ``"reference"`` (dense, for tests), ``"fused"`` (tiled, memory-lean; an error
+            where it cannot compute the options) or ``"auto"`` (fused where available). Every
+            option is fused but a negative-weight callable that is neither elementwise nor a
+            streaming pace (see :doc:`/fused_loss`); ``stats[name].path`` says which ran.
+        backend: the fused backend: ``"torch"`` (tiles), ``"triton"`` (CUDA kernels, or Triton's
+            CPU interpreter under ``TRITON_INTERPRET=1``; an error where they do not apply) or
+            ``"auto"`` (Triton on CUDA where it applies, else the torch tiles).
+        block_rows: anchors per row tile of the torch tiles (default 256).
+        block_cols: candidates per column tile of the torch tiles (default 4096).
 
     Returns:
         ``(loss, stats)``: the 0-dim total loss (float32, or float64 for float64 input) and
@@ -374,25 +369,61 @@ def multilevel_info_nce(
         >>> int(stats["instance"].anchors)
         4
     """
+    options = check_options(temperature, denominator, tau_plus, beta, reduction, impl, backend, block_rows, block_cols)
+    return _loss_with_options(
+        embeddings,
+        tags,
+        levels,
+        options,
+        bank=bank,
+        candidates=candidates,
+        negative_weights=negative_weights,
+        anchor_weights=anchor_weights,
+        pair_mask=pair_mask,
+    )
+
+
+class _PathLog:
+    """Logs, at INFO, which path a loss module runs: once, and again only when it changes.
+
+    Args:
+        owner: the name in the message (e.g. the module's class name).
+    """
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.last: str | None = None
+
+    def __call__(self, path: str, why: str) -> None:
+        """Record the path of one call."""
+        if path != self.last and not torch.compiler.is_compiling():
+            logger.info("%s runs the %s path (%s)", self.owner, path, why)
+        self.last = path
+
+
+def _loss_with_options(
+    embeddings: Tensor,
+    tags: ViewTags,
+    levels: Sequence[Level] | Level,
+    options: LossOptions,
+    bank: tuple[Tensor, ViewTags] | None = None,
+    candidates: Tensor | Sequence[Tensor | None] | None = None,
+    negative_weights: NegativeWeights | Sequence[NegativeWeights] = None,
+    anchor_weights: Tensor | AnchorWeightFn | None = None,
+    pair_mask: tuple[Tensor | None, Tensor | None] | None = None,
+    path_log: _PathLog | None = None,
+) -> tuple[Tensor, dict[str, LevelStats]]:
+    """:func:`multilevel_info_nce` with options already checked (``mlcl_losses._core.check_options``).
+
+    What :class:`~mlcl_losses.loss.MultiLevelContrastiveLoss` and the PML adapter call: they
+    validate their options once, at construction. Validates the tensors, chooses the path (the
+    dispatcher: reference, torch tiles or Triton), and reduces the per-anchor losses the same
+    way for every path. ``path_log`` logs the chosen path (else it is logged at DEBUG).
+    """
     levels = validate_levels(levels, tags if isinstance(tags, ViewTags) else None)
     names = [level.name for level in levels]
     if len(set(names)) != len(names):
         raise ValueError(f"Expected unique level names, but got {names}")
-    _check_temperature(temperature)
-    if denominator not in _DENOMINATORS:
-        raise ValueError(f"Expected `denominator` in {_DENOMINATORS}, but got {denominator!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"Expected `reduction` in {_REDUCTIONS}, but got {reduction!r}")
-    if impl not in _IMPLS:
-        raise ValueError(f"Expected `impl` in {_IMPLS}, but got {impl!r}")
-    _check_real("tau_plus", tau_plus)
-    _check_real("beta", beta)
-    if not (0.0 <= tau_plus < 1.0):
-        raise ValueError(f"Expected `tau_plus` in [0, 1), but got {tau_plus}")
-    if not (beta >= 0.0) or math.isinf(beta):
-        raise ValueError(f"Expected `beta` >= 0 and finite, but got {beta}")
-    if (tau_plus > 0 or beta > 0) and denominator != "pos_neg":
-        raise ValueError(f"`tau_plus` and `beta` need denominator='pos_neg', but got {denominator!r}")
     z = normalize_embeddings(embeddings)
     n, d = z.shape
     _check_tags(tags, n, "tags")
@@ -411,45 +442,66 @@ def multilevel_info_nce(
     per_level_weights = _per_level(negative_weights, len(levels), "negative_weights")
     if pair_mask is not None:
         _check_pair_mask(pair_mask, n, bank_z, per_level_candidates)
-
-    from mlcl_losses import _fused  # local import: the fused module imports this one
-
-    if (
-        impl != "reference"
-        and reduction == "mean"
-        and _fused.supports(
-            z, tags, levels, bank_z, per_level_candidates, per_level_weights, anchor_weights, tau_plus, beta, pair_mask
+    path, why = _choose_path(options, z, tags, levels, bank_z, per_level_candidates, per_level_weights, pair_mask)
+    if path_log is not None:
+        path_log(path, why)
+    elif not torch.compiler.is_compiling():  # a logger call would break a compiled graph
+        logger.debug("multilevel_info_nce: %s path (%s), N=%d, levels=%d", path, why, n, len(levels))
+    if path == "fused-triton":
+        result = _triton.multilevel_info_nce_triton(z, tags, levels, options.temperature, options.denominator)
+    elif path == "fused-torch":
+        result = _fused.multilevel_info_nce_fused(
+            z, tags, levels, options, bank_z, bank_tags, per_level_candidates, per_level_weights, pair_mask
         )
-    ):
-        from mlcl_losses import _triton
-
-        if (
-            z.is_cuda
-            and _triton.ENABLED
-            and _triton.supports(z, tags, levels, bank_z, per_level_candidates, per_level_weights)
-        ):
-            return _triton.multilevel_info_nce_triton(z, tags, levels, float(temperature), denominator)
-        return _fused.multilevel_info_nce_fused(
-            z, tags, levels, float(temperature), denominator, bank_z, bank_tags, per_level_candidates, per_level_weights
+    else:
+        result = _reference(
+            z,
+            tags,
+            levels,
+            options.temperature,
+            options.denominator,
+            bank_z,
+            bank_tags,
+            per_level_candidates,
+            per_level_weights,
+            options.tau_plus,
+            options.beta,
+            pair_mask,
         )
-    if impl == "fused":
-        raise ValueError("impl='fused' does not support these options; use impl='auto' or 'reference'")
-    return _reference(
-        z,
-        tags,
-        levels,
-        float(temperature),
-        denominator,
-        bank_z,
-        bank_tags,
-        per_level_candidates,
-        per_level_weights,
-        anchor_weights,
-        tau_plus,
-        beta,
-        pair_mask,
-        reduction,
-    )
+    return reduce_levels(result, levels, anchor_weights, options.reduction)
+
+
+def _choose_path(
+    options: LossOptions,
+    z: Tensor,
+    tags: ViewTags,
+    levels: list[Level],
+    bank_z: Tensor | None,
+    candidates: list[Tensor | None],
+    weights: list[NegativeWeights],
+    pair_mask: tuple[Tensor | None, Tensor | None] | None,
+) -> tuple[str, str]:
+    """The dispatcher: ``("reference" | "fused-torch" | "fused-triton", why)``."""
+    if options.impl == "reference":
+        return "reference", "impl='reference'"
+    reason = _fused.unsupported_reason(weights)
+    if reason is None and pair_mask is not None and pair_mask[0] is not None and pair_mask[0].shape[1] > z.shape[0]:
+        reason = "pair_mask positives span the bank (a reference set: bank positives are dense-path only)"
+    if reason is not None:
+        if options.impl == "fused":
+            raise ValueError(f"impl='fused' cannot compute these options ({reason}); use impl='auto' or 'reference'")
+        return "reference", f"impl='auto', fused path unavailable: {reason}"
+    if options.backend != "torch" and (z.is_cuda or options.backend == "triton"):
+        ok = _triton.supports(z, tags, levels, bank_z, candidates, weights, options.tau_plus, options.beta, pair_mask)
+        if ok:
+            return "fused-triton", f"impl={options.impl!r}, backend={options.backend!r}"
+        if options.backend == "triton":
+            raise ValueError(
+                "backend='triton' cannot compute these inputs (it needs CUDA or TRITON_INTERPRET=1, "
+                "source levels, no bank, candidates, negative weights, tau_plus, beta or pair_mask); "
+                "use backend='auto' or 'torch'"
+            )
+    return "fused-torch", f"impl={options.impl!r}, backend={options.backend!r}"
 
 
 def _reference(
@@ -462,20 +514,18 @@ def _reference(
     bank_tags: ViewTags | None,
     candidates: list[Tensor | None],
     weights_spec: list[NegativeWeights],
-    anchor_weights: Tensor | AnchorWeightFn | None,
     tau_plus: float,
     beta: float,
     pair_mask: tuple[Tensor | None, Tensor | None] | None,
-    reduction: str = "mean",
-) -> tuple[Tensor, dict[str, LevelStats]]:
-    """Dense reference: one ``(N, N + C_b)`` logit matrix per level, computed exactly."""
+) -> PathResult:
+    """Dense reference: one ``(N, N + C_b)`` logit matrix per level, computed exactly; per-anchor losses."""
     n = z.shape[0]
     with torch.autocast(device_type=z.device.type, enabled=False):
         cos_batch = z @ z.T  # (N, N)
         masks = level_masks(tags, levels)
-        total = z.sum() * 0.0  # keeps the graph connected: zero loss, zero gradient
-        stats: dict[str, LevelStats] = {}
-        unreduced: list[Tensor] = []
+        rows: list[Tensor] = []
+        valids: list[Tensor] = []
+        sims: list[tuple[Tensor, Tensor]] = []
         for level, lm, cand, wspec in zip(levels, masks, candidates, weights_spec, strict=True):
             cos_bank, neg_bank = _bank_part(z, tags, bank_z, bank_tags, cand, level)
             cos = torch.cat([cos_batch, cos_bank], dim=1)  # (N, N + C_b)
@@ -505,37 +555,17 @@ def _reference(
                     denom = torch.logaddexp(_masked_lse(logits, pos, None), neg_lse)
                     mean_pos = torch.where(pos, logits, torch.zeros_like(logits)).sum(dim=1) / n_pos
                     per_anchor = denom - mean_pos
-            per_anchor = torch.where(valid, per_anchor, torch.zeros_like(per_anchor))
-            level_loss, weighted = _reduce_anchors(per_anchor, valid, anchor_weights)
-            total = total + level.weight * level_loss
-            unreduced.append(level.weight * weighted)
-            stats[level.name] = _stats(level_loss, valid, lm.anchors, pos, neg, cos)
-    if reduction == "none":
-        return torch.stack(unreduced), stats
-    return total, stats
-
-
-def _reduce_anchors(
-    per_anchor: Tensor, valid: Tensor, anchor_weights: Tensor | AnchorWeightFn | None
-) -> tuple[Tensor, Tensor]:
-    """Mean over valid anchors of the (weighted) per-anchor losses, and the weighted losses ``(N,)``."""
-    n_valid = valid.sum()
-    if anchor_weights is None:
-        weighted = per_anchor
-    else:
-        if isinstance(anchor_weights, Tensor):
-            v = anchor_weights
-        elif callable(anchor_weights):
-            v = anchor_weights(per_anchor.detach(), valid)
-        else:
-            raise TypeError(f"Expected `anchor_weights` to be a tensor, a callable or None, got {type(anchor_weights)}")
-        if v.shape != per_anchor.shape:
-            raise ValueError(f"Expected `anchor_weights` of shape {tuple(per_anchor.shape)}, but got {tuple(v.shape)}")
-        v = v.detach().to(per_anchor.dtype)
-        if bool((valid & ~(torch.isfinite(v) & (v >= 0))).any()):
-            raise ValueError("Expected finite `anchor_weights` >= 0")
-        weighted = per_anchor * torch.where(valid, v, torch.zeros_like(v))
-    return weighted.sum() / n_valid.clamp_min(1).to(per_anchor.dtype), weighted
+            rows.append(torch.where(valid, per_anchor, torch.zeros_like(per_anchor)))
+            valids.append(valid)
+            sims.append(_mean_sims(valid, pos, neg, cos))
+    return PathResult(
+        torch.stack(rows),
+        torch.stack(valids),
+        torch.stack([lm.anchors for lm in masks]),
+        torch.stack([p for p, _ in sims]),
+        torch.stack([q for _, q in sims]),
+        "reference",
+    )
 
 
 def _debiased_pair_terms(
@@ -573,18 +603,12 @@ def _debiased_pair_terms(
     return torch.logaddexp(logits, log_ng) - logits
 
 
-def _stats(level_loss: Tensor, valid: Tensor, anchors: Tensor, pos: Tensor, neg: Tensor, cos: Tensor) -> LevelStats:
+def _mean_sims(valid: Tensor, pos: Tensor, neg: Tensor, cos: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean positive and negative cosine over the valid anchors' pairs (0 if none)."""
     with torch.no_grad():
         vpos = pos & valid[:, None]
         vneg = neg & valid[:, None]
         zero = cos.new_zeros(())
         pos_sim = (cos * vpos).sum() / vpos.sum() if bool(vpos.any()) else zero
         neg_sim = (cos * vneg).sum() / vneg.sum() if bool(vneg.any()) else zero
-        return LevelStats(
-            loss=level_loss.detach(),
-            anchors=valid.sum(),
-            valid=valid,
-            skipped=(anchors & ~valid).sum(),
-            pos_sim=pos_sim,
-            neg_sim=neg_sim,
-        )
+        return pos_sim, neg_sim

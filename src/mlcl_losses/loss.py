@@ -17,14 +17,8 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor, nn
 
-from mlcl_losses.functional import (
-    Denominator,
-    Impl,
-    LevelStats,
-    _check_real,
-    _check_temperature,
-    multilevel_info_nce,
-)
+from mlcl_losses._core import Denominator, FusedBackend, Impl, LevelStats, check_options
+from mlcl_losses.functional import _loss_with_options, _PathLog
 from mlcl_losses.levels import Level, comcl_levels, validate_levels
 from mlcl_losses.self_paced import SelfPacedWeighting
 from mlcl_losses.tags import ViewTags
@@ -60,7 +54,11 @@ class MultiLevelContrastiveLoss(nn.Module):
         k: how many bank negatives per anchor and level, >= 1.
         tau_plus: debiased negatives (Chuang et al. 2020), in ``[0, 1)``.
         beta: hardness-reweighted negatives (Robinson et al. 2021), >= 0.
-        impl: ``"auto" | "fused" | "reference"``.
+        impl: ``"auto" | "fused" | "reference"``; ``stats[name].path`` says which path ran, and the
+            module logs it once at INFO (again only when it changes).
+        backend: the fused backend, ``"auto" | "torch" | "triton"``.
+        block_rows: anchors per row tile of the torch fused path (default 256).
+        block_cols: candidates per column tile of the torch fused path (default 4096).
         gather_distributed: under ``torch.distributed`` (DDP), all-gather the embeddings (with
             gradients) and tags of every rank, so that negatives (and positives) span the global
             batch, and search the index shards of all ranks (see below). Needs an initialised
@@ -116,6 +114,10 @@ class MultiLevelContrastiveLoss(nn.Module):
         impl: Impl = "auto",
         gather_distributed: bool = False,
         process_group: Any = None,
+        *,
+        backend: FusedBackend = "auto",
+        block_rows: int | None = None,
+        block_cols: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(gather_distributed, bool):
@@ -136,19 +138,15 @@ class MultiLevelContrastiveLoss(nn.Module):
             raise ValueError(f"Expected unique level names, but got {names}")
         if weighting is not None and any(not name or "." in name for name in names):
             raise ValueError(f"With a `weighting`, level names must be non-empty and without '.', but got {names}")
-        _check_temperature(temperature)
+        self.options = check_options(
+            temperature, denominator, tau_plus, beta, "mean", impl, backend, block_rows, block_cols
+        )
         if isinstance(k, bool) or not isinstance(k, int):
             raise TypeError(f"Expected `k` to be an int, but got {type(k).__name__}")
         if k < 1:
             raise ValueError(f"Expected `k` an integer >= 1, but got {k!r}")
-        _check_real("tau_plus", tau_plus)
-        _check_real("beta", beta)
-        self.temperature = float(temperature)
-        self.denominator: Denominator = denominator
         self.k = k
-        self.tau_plus = float(tau_plus)
-        self.beta = float(beta)
-        self.impl: Impl = impl
+        self._path_log = _PathLog(type(self).__name__)
         self.weightings = nn.ModuleDict(self._weightings_by_level(weighting, names))
         self.index: HardNegativeIndex | None = index
         self.gather_distributed = gather_distributed
@@ -156,6 +154,31 @@ class MultiLevelContrastiveLoss(nn.Module):
         self._warned_shared_ids = False
         if index is not None and hasattr(index, "capacity") and k > index.capacity:
             raise ValueError(f"Expected `k` <= index capacity ({index.capacity}), but got {k}")
+
+    @property
+    def temperature(self) -> float:
+        """The temperature (validated at construction; read-only)."""
+        return self.options.temperature
+
+    @property
+    def denominator(self) -> Denominator:
+        """``"pos_neg"`` or ``"all"`` (read-only)."""
+        return self.options.denominator
+
+    @property
+    def tau_plus(self) -> float:
+        """Class prior of the debiased estimator (read-only)."""
+        return self.options.tau_plus
+
+    @property
+    def beta(self) -> float:
+        """Concentration of hardness reweighting (read-only)."""
+        return self.options.beta
+
+    @property
+    def impl(self) -> Impl:
+        """``"auto" | "fused" | "reference"`` (read-only)."""
+        return self.options.impl
 
     @staticmethod
     def _weightings_by_level(weighting: Weighting, names: list[str]) -> dict[str, SelfPacedWeighting]:
@@ -298,19 +321,16 @@ class MultiLevelContrastiveLoss(nn.Module):
         candidates: list[Tensor | None] | None = None
         if self.index is not None:
             bank, candidates = self._search_bank(embeddings, tags)
-        loss, stats = multilevel_info_nce(
+        loss, stats = _loss_with_options(
             embeddings,
             tags,
             self.levels,
-            temperature=self.temperature,
-            denominator=self.denominator,
+            self.options,
             bank=bank,
             candidates=candidates,
             negative_weights=negative_weights,
             anchor_weights=anchor_weights,
-            tau_plus=self.tau_plus,
-            beta=self.beta,
-            impl=self.impl,
+            path_log=self._path_log,
         )
         if keys is not None:
             if self.index is None:

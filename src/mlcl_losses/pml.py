@@ -47,6 +47,7 @@ from pytorch_metric_learning.miners import BaseMiner
 from pytorch_metric_learning.reducers import BaseReducer
 from torch import Tensor
 
+from mlcl_losses._core import Denominator, check_options
 from mlcl_losses._pml_support import (
     Pairs,
     check_indices_tuple,
@@ -56,7 +57,7 @@ from mlcl_losses._pml_support import (
     reference_tags,
     unpack_labels,
 )
-from mlcl_losses.functional import Denominator, multilevel_info_nce
+from mlcl_losses.functional import _loss_with_options, _PathLog
 from mlcl_losses.levels import Level, comcl_levels, validate_levels
 from mlcl_losses.self_paced import SelfPacedWeighting
 from mlcl_losses.tags import ViewTags
@@ -129,10 +130,11 @@ class MultiLevelInfoNCELoss(BaseMetricLossFunction):
                 f"{'' if type(self.distance) is not CosineSimilarity else f' with power={self.distance.power}'}"
             )
         check_reducer(self.reducer)
-        if not (temperature > 0):
-            raise ValueError(f"Expected `temperature` > 0, but got {temperature}")
-        self.temperature = float(temperature)
-        self.denominator: Denominator = denominator
+        # one checker for the module, the function and this adapter; per-anchor losses for PML's reducers
+        self._options = check_options(temperature, denominator, reduction="none")
+        self._path_log = _PathLog(type(self).__name__)
+        self.temperature = self._options.temperature
+        self.denominator: Denominator = self._options.denominator
         self.add_to_recordable_attributes(list_of_names=["temperature"], is_stat=False)
         self._warned_levels: set[str] = set()
 
@@ -203,14 +205,8 @@ class MultiLevelInfoNCELoss(BaseMetricLossFunction):
             a1, p, a2, neg = pairs
             device = embeddings.device
             pair_mask = (pairs_to_mask(a1, p, (n, n), device), pairs_to_mask(a2, neg, (n, n), device))
-        losses, stats = multilevel_info_nce(
-            embeddings,
-            tags,
-            self.levels,
-            temperature=self.temperature,
-            denominator=self.denominator,
-            pair_mask=pair_mask,
-            reduction="none",
+        losses, stats = _loss_with_options(
+            embeddings, tags, self.levels, self._options, pair_mask=pair_mask, path_log=self._path_log
         )
         return losses, [stats[level.name].valid for level in self.levels]
 
@@ -238,15 +234,14 @@ class MultiLevelInfoNCELoss(BaseMetricLossFunction):
             pos[:, n:] = pairs_to_mask(a1, p, (n, m), device)
             neg[:, n:] = pairs_to_mask(a2, ng, (n, m), device)
         levels = [dataclasses.replace(level, in_batch_negatives=False) for level in self.levels]
-        losses, stats = multilevel_info_nce(
+        losses, stats = _loss_with_options(
             embeddings,
             tags,
             levels,
-            temperature=self.temperature,
-            denominator=self.denominator,
+            self._options,
             bank=(ref_emb.to(device=device, dtype=embeddings.dtype), ref_tags),
             pair_mask=(pos, neg),
-            reduction="none",
+            path_log=self._path_log,
         )
         return losses, [stats[level.name].valid for level in levels]
 

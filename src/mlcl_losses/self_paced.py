@@ -83,6 +83,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "FrozenWeighting",
     "PaceSchedule",
     "SelfPacedWeighting",
     "self_paced_weights",
@@ -326,23 +327,60 @@ class PaceSchedule:
         self.last_lam = float(state["last_lam"])
 
 
+def _quantile_rank(n: int, fraction: float) -> int | None:
+    """Rank ``k`` (1-based) of the candidate whose hardness sets a quantile pace; ``None``: the pace is ``inf``."""
+    if n == 0 or fraction >= 1.0:
+        return None
+    # the relative slack keeps e.g. 0.3 * 10 = 3.0000000000000004 from admitting 4 of 10
+    return min(n, max(1, math.ceil(fraction * n * (1.0 - 1e-12))))
+
+
+def _pace_above(kth: Tensor) -> float:
+    """The smallest pace that admits the hardness ``kth`` (0-dim): one step up *in its dtype*.
+
+    A float64 step would round back to ``kth`` in float32, so that ``h < lambda`` made in the
+    hardness dtype would not admit it.
+    """
+    lam = float(torch.nextafter(kth, torch.tensor(math.inf, dtype=kth.dtype, device=kth.device)))
+    return max(lam, math.ulp(0.0))
+
+
 def _quantile_pace(hardness: Tensor, fraction: float) -> float:
     """Smallest lambda such that ``ceil(fraction * n)`` candidates are strictly easier.
 
-    The k-th smallest hardness is moved up one step *in the hardness dtype*, so that the
-    comparison ``h < lambda`` made in that dtype admits it (a float64 step would round
-    back to it in float32).
+    The k-th smallest hardness is moved up one step in the hardness dtype (:func:`_pace_above`).
     """
     flat = hardness.detach().reshape(-1)
-    n = flat.numel()
-    if n == 0 or fraction >= 1.0:
+    k = _quantile_rank(flat.numel(), fraction)
+    if k is None:
         return float("inf")
-    # the relative slack keeps e.g. 0.3 * 10 = 3.0000000000000004 from admitting 4 of 10
-    k = min(n, max(1, math.ceil(fraction * n * (1.0 - 1e-12))))
     kth = torch.kthvalue(flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat, k).values
-    kth = kth.to(flat.dtype)  # exact: the k-th value is one of the inputs
-    lam = float(torch.nextafter(kth, torch.tensor(math.inf, dtype=kth.dtype, device=kth.device)))
-    return max(lam, math.ulp(0.0))
+    return _pace_above(kth.to(flat.dtype))  # exact: the k-th value is one of the inputs
+
+
+class FrozenWeighting:
+    r"""A :class:`SelfPacedWeighting` with its pace :math:`\lambda` fixed: an elementwise function.
+
+    ``fn(hardness, mask=None) -> weights`` clamps ``hardness`` to the weighting's domain and returns
+    :func:`self_paced_weights` at :math:`\lambda` (``mask`` is ignored: the pace is fixed).
+    What the fused loss calls on tiles, in forward and backward, so that a pace stepped in
+    between leaves the gradients of that forward unchanged.
+
+    Attributes:
+        lam: the frozen pace.
+        is_elementwise: ``True`` (each weight depends on its own hardness only).
+    """
+
+    is_elementwise = True
+
+    def __init__(self, weighting: SelfPacedWeighting, lam: float) -> None:
+        self.weighting = weighting
+        self.lam = float(lam)
+
+    def __call__(self, hardness: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Weights of ``hardness``'s shape and dtype, in ``[0, 1]``."""
+        w = self.weighting
+        return self_paced_weights(w.clamp(hardness.detach()), self.lam, w.regularizer, w.zeta, w.mixture_c)
 
 
 class SelfPacedWeighting(nn.Module):
@@ -406,13 +444,54 @@ class SelfPacedWeighting(nn.Module):
         """True when each weight depends on its own hardness only (not for quantile schedules)."""
         return not self.schedule.needs_hardness
 
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """Clamp range of the hardness, ``(0, 1)`` for similarities and ``(0, inf)`` for losses."""
+        return (0.0, 1.0 if self.hardness == "similarity" else float("inf"))
+
+    def pace_rank(self, count: int, step: int | None = None) -> int | None:
+        r"""Streaming protocol of a quantile pace: which candidate's hardness sets :math:`\lambda`.
+
+        Args:
+            count: the number of candidates (e.g. a level's negative pairs).
+            step: the step (default: the current one).
+
+        Returns:
+            The rank ``k`` (1-based, ascending) of the clamped hardness whose next representable
+            value is :math:`\lambda`; ``None`` when no selection is needed (not a quantile pace,
+            no candidate, or a fraction of 1: :math:`\lambda` is then :meth:`lam` or ``inf``).
+        """
+        if not self.schedule.needs_hardness:
+            return None
+        t = self.schedule.step_count if step is None else int(step)
+        return _quantile_rank(int(count), self.schedule._fraction(t))
+
+    def frozen(self, kth: Tensor | None = None, step: int | None = None) -> FrozenWeighting:
+        """This weighting with its pace fixed now (records it as the schedule's ``last_lam``).
+
+        Args:
+            kth: for a quantile pace, the ``k``-th smallest clamped hardness (0-dim, in the
+                hardness dtype) of :meth:`pace_rank`, or ``None`` when it returned ``None``.
+            step: the step (default: the current one).
+
+        Returns:
+            An elementwise :class:`FrozenWeighting`.
+        """
+        if self.schedule.needs_hardness:
+            lam = float("inf") if kth is None else _pace_above(kth.detach().reshape(()))
+            self.schedule.last_lam = lam
+        else:
+            lam = self.schedule.value(step)
+        return FrozenWeighting(self, lam)
+
     def lam(self, step: int | None = None, hardness: Tensor | None = None) -> float:
         r"""The pace :math:`\lambda` at ``step`` (default: the current step)."""
         return self.schedule.value(step, hardness)
 
-    def _clamp(self, hardness: Tensor) -> Tensor:
-        upper = 1.0 if self.hardness == "similarity" else float("inf")
-        return hardness.clamp(0.0, upper)
+    def clamp(self, hardness: Tensor) -> Tensor:
+        """``hardness`` clamped to :attr:`bounds` (``-0.0`` becomes ``+0.0``)."""
+        lo, hi = self.bounds
+        return hardness.clamp(lo, hi) + 0.0
 
     def forward(self, hardness: Tensor, mask: Tensor | None = None, step: int | None = None) -> Tensor:
         """Weights in ``[0, 1]``.
@@ -441,7 +520,7 @@ class SelfPacedWeighting(nn.Module):
                 raise ValueError(
                     f"Expected `mask` of shape {tuple(hardness.shape)} (as `hardness`), but got {tuple(mask.shape)}"
                 )
-        h = self._clamp(hardness.detach())
+        h = self.clamp(hardness.detach())
         candidates = h if mask is None else h[mask]
         lam = self.schedule.value(step, candidates if self.schedule.needs_hardness else None)
         return self_paced_weights(h, lam, self.regularizer, self.zeta, self.mixture_c)
