@@ -42,7 +42,16 @@ METHODS = {
     "ours_reference": "ours, reference (3 levels)",
     "ours_fused": "ours, fused (3 levels; Triton on CUDA)",
     "ours_fused_torch": "ours, fused, torch tiles (3 levels; CUDA only)",
+    # the pipelines' configuration (quantile self-paced pace on every level) and DCL / HCL (issue #17)
+    "ours_reference_pace": "ours, reference, quantile pace (3 levels)",
+    "ours_fused_pace": "ours, fused, quantile pace (3 levels)",
+    "ours_reference_dcl": "ours, reference, DCL tau+=0.1 (3 levels)",
+    "ours_fused_dcl": "ours, fused, DCL tau+=0.1 (3 levels)",
+    "ours_reference_hcl": "ours, reference, HCL beta=1 tau+=0.1 (3 levels)",
+    "ours_fused_hcl": "ours, fused, HCL beta=1 tau+=0.1 (3 levels)",
 }
+#: keyword arguments of the option rows, by method suffix
+OPTION_ROWS = {"dcl": {"tau_plus": 0.1}, "hcl": {"tau_plus": 0.1, "beta": 1.0}}
 
 
 def comcl_tags(n: int, device: torch.device) -> Any:
@@ -113,6 +122,17 @@ def build(method: str, n: int, device: torch.device) -> Any:
             return torch.nn.functional.cross_entropy(logits, target)
 
         return naive
+    if method.endswith(("_pace", "_dcl", "_hcl")):
+        from mlcl_losses import PaceSchedule, SelfPacedWeighting
+
+        impl = "fused" if method.startswith("ours_fused") else "reference"
+        suffix = method.rsplit("_", 1)[1]
+        if suffix == "pace":  # as examples/common/config.py: hard regulariser, quantile pace from 0.8
+            spl = SelfPacedWeighting("hard", PaceSchedule.quantile(start=0.8, end=1.0, steps=1000))
+            opts: dict[str, Any] = {"negative_weights": spl}
+        else:
+            opts = OPTION_ROWS[suffix]
+        return lambda z: multilevel_info_nce(z, tags, levels, TEMPERATURE, impl=impl, **opts)[0]
     if method in ("ours_reference", "ours_fused", "ours_fused_torch"):
         impl = "reference" if method == "ours_reference" else "fused"
         backend = "torch" if method == "ours_fused_torch" else "auto"
