@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import mlcl_losses
+from mlcl_losses import loss as loss_module
 from mlcl_losses.functional import multilevel_info_nce
 from mlcl_losses.levels import Level, comcl_levels, level_masks
 from mlcl_losses.loss import MultiLevelContrastiveLoss
@@ -331,11 +332,13 @@ def test_index_bank_handed_to_the_loss_is_the_unique_hits(monkeypatch: pytest.Mo
     z, tags, index = _index_setup(n_bank=40, seed=3, with_label=False)
     seen: dict[str, Any] = {}
 
+    original = loss_module._loss_with_options
+
     def spy(*args: Any, **kwargs: Any) -> Any:
         seen.update(kwargs)
-        return multilevel_info_nce(*args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr("mlcl_losses.loss.multilevel_info_nce", spy)
+    monkeypatch.setattr(loss_module, "_loss_with_options", spy)
     criterion = MultiLevelContrastiveLoss(comcl_levels(), temperature=0.2, index=index, k=4, impl="reference")
     criterion(z, tags)
     bank, bank_tags = seen["bank"]
