@@ -32,11 +32,11 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comple
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "TORCH_DEVICE")}
     env["PYTHON"] = sys.executable
     done = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--limit-scale", "3", "--out", str(out)],
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=840,
         check=False,
     )
     return done, out
