@@ -34,7 +34,9 @@ SUMMARIES = ("compare.json", "paired.json", "protocol.json", "compare.md")
 
 def _task(compare: dict[str, Any]) -> Task:
     first = next(iter(compare.values()))
-    return MultiLabelTask() if "mean_auc" in first else SingleLabelTask()
+    if "mean_auc" in first:
+        return MultiLabelTask(tuple(first.get("per_label_auc", {})) or ("label",))
+    return SingleLabelTask()
 
 
 def collect(run_dir: str | Path, dest: str | Path) -> Path:
@@ -116,7 +118,8 @@ def _verdicts(paired: dict[str, Any], task: Task, groups: list[str]) -> list[str
     need = 0.05 if task.headline == "kappa" else 0.03
     ok = o["mean"] >= need and math.isfinite(o["low"]) and o["low"] > 0
     lines.append(
-        f"* CoMCL (full) − cross-entropy only, {task.metric_titles.get(task.headline, task.headline)}: "
+        f"* CoMCL (full) − {task.method_labels.get('ce', 'ce')}, "
+        f"{task.metric_titles.get(task.headline, task.headline)}: "
         f"{_fmt(o['mean'], True)} [{_fmt(o['low'], True)}, {_fmt(o['high'], True)}] over {o['n']} repeats; "
         f"goal ≥ {need:+.2f} with the interval above 0: **{'met' if ok else 'not met'}**."
     )
@@ -214,7 +217,7 @@ def render_section(results_dir: str | Path, rel: str = "results", note: str = ""
         f"* Repeats: {len(complete)} complete (seeds {', '.join(map(str, complete))})"
         + (f"; partial: {', '.join(str(s) for s in seeds if s not in complete)}" if len(complete) < len(seeds) else "")
         + f". Methods: {', '.join(task.method_labels.get(m, m) for m in compare)}.",
-        f"* Data per repeat: {syn.get('n_train', '?')} training images (every one pre-trained, no grade label), "
+        f"* Data per repeat: {syn.get('n_train', '?')} training images (every one pre-trained, without its labels), "
         f"{syn.get('n_test', '?')} test images ("
         + ", ".join(f"{g} {_span(v)}" for g, v in n_group.items())
         + f" per repeat); a new draw per repeat (data seed {syn.get('seed', '?')} + 2·seed, test + 1).",
@@ -245,7 +248,8 @@ def render_section(results_dir: str | Path, rel: str = "results", note: str = ""
             "",
             *_verdicts(paired, task, groups),
         ]
-    lines += ["", f"{task.headline_title.capitalize()} per repeat (seeds {', '.join(map(str, seeds))}):", ""]
+    title = task.metric_titles.get(task.headline, task.headline)
+    lines += ["", f"{title[0].upper()}{title[1:]} per repeat (seeds {', '.join(map(str, seeds))}):", ""]
     for method, r in compare.items():
         values = ", ".join(_fmt(run.get(task.headline, math.nan)) for run in r["runs"])
         lines.append(f"* {task.method_labels.get(method, method)}: {values}")
