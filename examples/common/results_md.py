@@ -253,6 +253,18 @@ def render_section(results_dir: str | Path, rel: str = "results", note: str = ""
     for method, r in compare.items():
         values = ", ".join(_fmt(run.get(task.headline, math.nan)) for run in r["runs"])
         lines.append(f"* {task.method_labels.get(method, method)}: {values}")
+    losses = (
+        json.loads((src / "pretrain_loss.json").read_text(encoding="utf-8"))
+        if (src / "pretrain_loss.json").is_file()
+        else {}
+    )
+    if losses:
+        lines += ["", "Pre-training loss per epoch (mean over repeats; `pretrain_loss.json` has every repeat):", ""]
+        for name, per_seed in losses.items():
+            curves = [c for c in per_seed.values() if c]
+            width = min(len(c) for c in curves)
+            means = [sum(c[e] for c in curves) / len(curves) for e in range(width)]
+            lines.append(f"* {name}: " + " → ".join(f"{v:.3f}" for v in means) + f" ({len(curves)} repeats)")
     pngs = sorted(p.name for p in src.glob("*.png"))
     if pngs:
         lines.append("")
