@@ -127,6 +127,9 @@ def test_light_augment_refuses_bad_patches_and_generator() -> None:
         aug(patch[None], g)
     with pytest.raises(TypeError, match="`generator` to be a torch.Generator, but got NoneType"):
         aug(patch, None)  # type: ignore[arg-type]
+    rounded = patch.clone()
+    rounded[0, 0, 0] = 1.0000001  # resampling rounds just past 1: accepted, and the output is clamped
+    assert float(aug(rounded, g).max()) <= 1.0
 
 
 def _marked(box: tuple[int, int, int, int], size: int = 64) -> torch.Tensor:

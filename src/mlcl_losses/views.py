@@ -1,4 +1,4 @@
-"""Four-view construction: lesion and healthy patches at high and low quality (DESIGN.md §2).
+"""Four-view construction: lesion and healthy patches at high and low quality (``docs/glossary.md``).
 
 For each lesion box of an image and for each healthy patch, :class:`FourViewSampler` cuts
 
@@ -69,6 +69,9 @@ class FourViews(NamedTuple):
     tags: ViewTags
 
 
+_RANGE_SLACK = 1e-3  # resampling rounds a patch in [0, 1] to slightly outside it; the output is clamped
+
+
 @dataclass(frozen=True)
 class LightAugment:
     """Light augmentation of one patch, in pure torch: flips, 90° rotations, colour jitter.
@@ -110,7 +113,8 @@ class LightAugment:
         Raises:
             TypeError: ``patch`` not a floating-point tensor (e.g. ``uint8``: scale it to [0, 1] first),
                 or ``generator`` not a :class:`torch.Generator`.
-            ValueError: ``patch`` not 3-D, with NaN or infinite values, or with values outside [0, 1].
+            ValueError: ``patch`` not 3-D, with NaN or infinite values, or with values outside [0, 1]
+                (beyond a rounding slack of 1e-3).
         """
         if not isinstance(patch, Tensor) or not patch.is_floating_point():
             kind = patch.dtype if isinstance(patch, Tensor) else type(patch).__name__
@@ -120,12 +124,13 @@ class LightAugment:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"Expected `generator` to be a torch.Generator, but got {type(generator).__name__}")
         if patch.numel():
-            if not bool(torch.isfinite(patch).all()):
+            low, high = (float(v) for v in torch.aminmax(patch))  # one pass; NaN propagates into both
+            inside = low >= -_RANGE_SLACK and high <= 1 + _RANGE_SLACK
+            if not inside and not bool(torch.isfinite(patch).all()):
                 raise ValueError("Expected `patch` to be finite, but it contains NaN or infinite values")
-            low, high = (float(v) for v in torch.aminmax(patch))
-            if low < 0 or high > 1:
+            if not inside:
                 raise ValueError(
-                    f"Expected `patch` values in [0, 1], but got values in [{low:g}, {high:g}] "
+                    f"Expected `patch` values in [0, 1], but got values in [{low:.6g}, {high:.6g}] "
                     "(an 8-bit image must be divided by 255 first)"
                 )
         r = torch.rand(6, generator=generator, device=generator.device).tolist()
@@ -232,7 +237,7 @@ def _load(source: Any, name: str) -> Tensor:
 
 @dataclass(frozen=True)
 class FourViewSampler:
-    """Cut the four views of DESIGN.md §2 from an image and its degraded copy.
+    """Cut the four views (V1a, V1b, V2, V3, V4; ``docs/glossary.md``) from an image and its degraded copy.
 
     Args:
         patch_size: side ``P`` of every view in pixels.
