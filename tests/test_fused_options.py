@@ -161,6 +161,24 @@ def test_radix_select_is_kthvalue(dtype: torch.dtype, spread: float) -> None:
         assert float(sel.result) == float(torch.kthvalue(x[mask], k).values)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_radix_select_hint_saves_a_pass_never_changes_the_result(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(50_000, generator=gen, dtype=torch.float64).to(dtype)
+    want = torch.kthvalue(x, 20_000).values
+    for hint, passes in ((float(want), 1), (float(want) * 1.0001, 1), (0.99, None), (None, None)):
+        sel = RadixSelect(20_000, dtype, x.device, hint)
+        while not sel.done:
+            sel.begin()
+            for part in x.split(999):
+                sel.feed(part)
+            sel.end()
+        assert sel.result is not None
+        assert float(sel.result) == float(want)
+        assert passes is None or sel.passes == passes
+        assert passes is not None or sel.passes >= 2
+
+
 def test_radix_select_count_callback() -> None:
     """With a rank function, an empty stream gives no result (the pace is then inf)."""
     sel = RadixSelect(lambda count: None if count == 0 else count, torch.float32, torch.device("cpu"))

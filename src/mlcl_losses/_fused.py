@@ -16,7 +16,8 @@ implements the streaming-pace protocol (``pace_rank(count)``, ``clamp(hardness)`
 here, before the forward: with a quantile pace, the ``k``-th smallest clamped hardness over all
 of the level's negative pairs (batch, bank and candidates, as the dense path selects it) is
 found exactly by :class:`~mlcl_losses._select.RadixSelect` in two extra passes over the tiles
-(each a matmul per tile plus a 65,536-bin histogram; no ``N x N`` matrix), and the weighting is
+(each a matmul per tile plus a 65,536-bin histogram; no ``N x N`` matrix; one pass when the
+weighting's optional ``pace_hints`` dict holds last call's value near this one), and the weighting is
 replaced by its :class:`~mlcl_losses.self_paced.FrozenWeighting`. Forward and backward call that
 frozen function, so stepping the pace in between leaves the gradients of the forward unchanged.
 
@@ -92,7 +93,9 @@ def _freeze_weights(plan: Plan, zs: Tensor, z: Tensor, bank_z: Tensor | None) ->
         if rank is None:  # not a quantile pace (or a fraction of 1): no hardness needed
             plan.weights[li] = spec.frozen(None)
         else:
-            selections[li] = RadixSelect(spec.pace_rank, zs.dtype, zs.device)
+            hints = getattr(spec, "pace_hints", None)  # optional: the previous call's k-th value per level
+            hint = hints.get(plan.levels[li].name) if isinstance(hints, dict) else None
+            selections[li] = RadixSelect(spec.pace_rank, zs.dtype, zs.device, hint)
     while any(not sel.done for sel in selections.values()):
         levels = [li for li, sel in selections.items() if not sel.done]
         for li in levels:
@@ -109,6 +112,9 @@ def _freeze_weights(plan: Plan, zs: Tensor, z: Tensor, bank_z: Tensor | None) ->
         for li in levels:
             selections[li].end()
     for li, sel in selections.items():
+        hints = getattr(plan.weights[li], "pace_hints", None)
+        if isinstance(hints, dict) and sel.result is not None:
+            hints[plan.levels[li].name] = float(sel.result)
         plan.weights[li] = plan.weights[li].frozen(sel.result)
 
 

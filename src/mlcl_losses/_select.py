@@ -23,10 +23,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["GATHER", "RadixSelect"]
+__all__ = ["GATHER", "HINT_BINS", "RadixSelect"]
 
 #: Largest bin that a gather pass collects instead of another histogram pass.
 GATHER = 1 << 16
+#: Top-digit bins either side of a hint's that the first pass gathers.
+HINT_BINS = 8
 _BITS = 16
 _BINS = 1 << _BITS
 
@@ -43,9 +45,19 @@ class RadixSelect:
             first pass (``None``: nothing to select, e.g. an empty stream).
         dtype: the stream's dtype.
         device: where the histograms live.
+        hint: a guess of the result (e.g. the previous step's); the first pass then also
+            gathers the values of its top-digit bin and the :data:`HINT_BINS` bins either side
+            (at most :data:`GATHER` values), and when the k-th value falls among them the
+            selection ends after one pass. Never changes the result, only the passes.
     """
 
-    def __init__(self, rank: int | Callable[[int], int | None], dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        rank: int | Callable[[int], int | None],
+        dtype: torch.dtype,
+        device: torch.device,
+        hint: float | None = None,
+    ) -> None:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"Expected a float32 or float64 stream, but got {dtype}")
         self.rank = rank
@@ -53,13 +65,21 @@ class RadixSelect:
         self.dtype = dtype
         self.device = device
         self.int_dtype = torch.int32 if dtype == torch.float32 else torch.int64
-        self.shift = 32 if dtype == torch.float32 else 64  # bits below the known prefix
+        self.total = 32 if dtype == torch.float32 else 64
+        self.shift = self.total  # bits below the known prefix
         self.prefix = 0  # the known high bits
         self.gathering = False
         self.done = False
+        self.passes = 0
         self.result: Tensor | None = None
         self._hist: Tensor | None = None
         self._parts: list[Tensor] = []
+        self._window: tuple[int, int] | None = None  # first pass: top digits gathered for the hint
+        self._window_size = 0
+        if hint is not None and hint >= 0 and hint == hint:
+            key = int(torch.tensor([hint], dtype=dtype).view(self.int_dtype)[0])
+            top = key >> (self.total - _BITS)
+            self._window = (max(0, top - HINT_BINS), top + HINT_BINS)
 
     def begin(self) -> None:
         """Start a pass."""
@@ -69,33 +89,43 @@ class RadixSelect:
             self._hist = torch.zeros(_BINS + 1, dtype=torch.long, device=self.device)
 
     def _keys(self, values: Tensor) -> Tensor:
-        keys = values.to(self.dtype).contiguous().view(self.int_dtype)
-        return keys.long() if self.int_dtype == torch.int32 else keys
-
-    def _eligible(self, keys: Tensor, mask: Tensor | None) -> Tensor | None:
-        """Values whose bits above ``shift`` equal ``prefix`` (and in ``mask``)."""
-        total = 32 if self.dtype == torch.float32 else 64
-        if self.shift == total:
-            return mask
-        same = (keys >> self.shift) == self.prefix
-        return same if mask is None else same & mask
+        return values.to(self.dtype).contiguous().view(self.int_dtype)
 
     def feed(self, values: Tensor, mask: Tensor | None = None) -> None:
         """Add one tile: ``values`` any shape, >= 0 and not NaN (``+0.0``, not ``-0.0``); ``mask`` selects."""
         keys = self._keys(values)
-        ok = self._eligible(keys, mask)
+        first = self.shift == self.total
+        ok = (
+            mask
+            if first
+            else ((keys >> self.shift) == self.prefix if mask is None else mask & ((keys >> self.shift) == self.prefix))
+        )
         if self.gathering:
             self._parts.append(values.reshape(-1) if ok is None else values[ok])
             return
-        digit = (keys >> (self.shift - _BITS)) & (_BINS - 1)
+        digit = keys >> (self.shift - _BITS)
+        if not first:
+            digit = digit & (_BINS - 1)
+        if first and self._window is not None:
+            lo, hi = self._window
+            near = (digit >= lo) & (digit <= hi)
+            if ok is not None:
+                near &= ok
+            picked = values[near]
+            self._window_size += picked.numel()
+            if self._window_size <= GATHER:
+                self._parts.append(picked)
+            else:
+                self._window, self._parts = None, []
         if ok is not None:
             digit = torch.where(ok, digit, torch.full_like(digit, _BINS))
         if self._hist is None:
             raise RuntimeError("RadixSelect.feed before begin")
-        self._hist += torch.bincount(digit.reshape(-1), minlength=_BINS + 1)
+        self._hist += torch.bincount(digit.reshape(-1), minlength=_BINS + 1)[: _BINS + 1]
 
     def end(self) -> None:
         """Finish a pass: fix the next digit, or (after a gather pass) the result."""
+        self.passes += 1
         if self.gathering:
             vals = torch.cat(self._parts).to(self.dtype) if self._parts else torch.zeros(0, dtype=self.dtype)
             self.result = torch.kthvalue(vals, self.k).values
@@ -114,6 +144,14 @@ class RadixSelect:
         b = int(torch.searchsorted(cum, torch.tensor([self.k], device=cum.device))[0])
         if b >= _BINS:
             raise RuntimeError(f"k-th value {self.k} beyond the stream's {int(cum[-1])} values")
+        if self.shift == self.total and self._window is not None and self._window[0] <= b <= self._window[1]:
+            lo = self._window[0]
+            below = int(cum[lo - 1]) if lo > 0 else 0
+            vals = torch.cat(self._parts).to(self.dtype)  # exactly the values of bins lo..hi
+            self.result = torch.kthvalue(vals, self.k - below).values
+            self.done = True
+            return
+        self._parts = []
         below = int(cum[b - 1]) if b > 0 else 0
         in_bin = int(self._hist[b])
         self.k -= below

@@ -267,6 +267,10 @@ class Plan:
         spec = self.weights[li]
         if spec is None:
             return None
+        log_weights = getattr(spec, "log_weights", None)
+        if callable(log_weights):  # a frozen self-paced weighting: log w directly, in range by construction
+            logw = log_weights(self.hardness(logits))
+            return logw if neg is None else logw.masked_fill_(~neg, float("-inf"))
         if neg is None:
             neg = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
         if isinstance(spec, Tensor):

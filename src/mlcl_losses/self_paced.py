@@ -382,6 +382,20 @@ class FrozenWeighting:
         w = self.weighting
         return self_paced_weights(w.clamp(hardness.detach()), self.lam, w.regularizer, w.zeta, w.mixture_c)
 
+    def log_weights(self, hardness: Tensor) -> Tensor:
+        """``log`` of :meth:`__call__` (``-inf`` where the weight is 0), without the input checks.
+
+        For the ``hard`` regulariser one comparison: ``0`` where ``h < lambda``, else ``-inf``.
+        """
+        w = self.weighting
+        h = w.clamp(hardness.detach())
+        if math.isinf(self.lam):
+            return torch.zeros_like(h)
+        if w.regularizer == "hard":
+            keep = h < _ceil_to_dtype(self.lam, h.dtype)
+            return torch.zeros_like(h).masked_fill_(~keep, float("-inf"))
+        return torch.log(self_paced_weights(h, self.lam, w.regularizer, w.zeta, w.mixture_c))
+
 
 class SelfPacedWeighting(nn.Module):
     r"""Self-paced weights from hardness at the schedule's current pace.
@@ -438,6 +452,9 @@ class SelfPacedWeighting(nn.Module):
         self.hardness: Hardness = hardness
         self.zeta = float(zeta)
         self.mixture_c = _check_positive("mixture_c", mixture_c)
+        #: The fused loss's last k-th hardness per level name: a hint that saves it a pass over the
+        #: tiles when the next pace is close (never changes the pace; not part of the state).
+        self.pace_hints: dict[str, float] = {}
 
     @property
     def is_elementwise(self) -> bool:
