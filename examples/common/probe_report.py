@@ -187,7 +187,8 @@ def probe_summary(runs: dict[str, Sequence[dict[str, Any]]]) -> dict[str, Any]:
 
     Returns:
         ``{"methods": {method: {key: {"mean", "std", "n", "per_repeat"}}}, "paired": {"comcl - ref":
-        {"method", "reference", "seeds", key: {"mean", "low", "high", "n", "per_repeat"}}}}``; empty
+        {"method", "reference", "seeds", key: {"mean", "low", "high", "n", "per_repeat"}}}, "linear_per_quality":
+        {method: {group: {"mean", "std", "n"}}}}`` (the linear probe's kappa per quality group); empty
         ``methods`` when no run was probed.
     """
     methods: dict[str, Any] = {}
@@ -203,6 +204,19 @@ def probe_summary(runs: dict[str, Sequence[dict[str, Any]]]) -> dict[str, Any]:
                 "n": len(xs),
                 "per_repeat": xs,
             }
+    per_quality: dict[str, Any] = {}
+    for m, rs in runs.items():
+        linear = [r["probes"]["linear"] for r in rs if isinstance(r.get("probes", {}).get("linear"), dict)]
+        if linear:
+            per_quality[m] = {}
+            for g in linear[0]["per_quality"]:
+                ks = [q["per_quality"].get(g, {}).get("kappa") for q in linear]
+                xs = [float(v) for v in ks if isinstance(v, int | float) and math.isfinite(v)]
+                per_quality[m][g] = {
+                    "mean": statistics.fmean(xs) if xs else math.nan,
+                    "std": statistics.stdev(xs) if len(xs) > 1 else math.nan,
+                    "n": len(xs),
+                }
     paired: dict[str, Any] = {}
     for m, ref in probe_pairs(list(methods)):
         by_seed = {r.get("seed"): r for r in runs[ref]}
@@ -215,7 +229,7 @@ def probe_summary(runs: dict[str, Sequence[dict[str, Any]]]) -> dict[str, Any]:
             mean = statistics.fmean(diffs) if diffs else math.nan
             entry[key] = {"mean": mean, "low": low, "high": high, "n": len(diffs), "per_repeat": diffs}
         paired[f"{m} - {ref}"] = entry
-    return {"methods": methods, "paired": paired}
+    return {"methods": methods, "paired": paired, "linear_per_quality": per_quality}
 
 
 def _cell(d: dict[str, Any], paired: bool) -> str:
@@ -245,6 +259,13 @@ def probe_table(summary: dict[str, Any], labels: dict[str, str] | None = None) -
             name = f"{labels.get(e['method'], e['method'])} − {labels.get(e['reference'], e['reference'])}"
             n = max(e[k]["n"] for k in PROBE_KEYS)
             lines.append(f"| {name} | {n} | " + " | ".join(_cell(e[k], True) for k in PROBE_KEYS) + " |")
+    by_group = summary.get("linear_per_quality") or {}
+    if by_group:
+        groups = list(next(iter(by_group.values())))
+        lines += ["", "| method | " + " | ".join(f"linear probe κ {g}" for g in groups) + " |"]
+        lines.append("|" + "---|" * (len(groups) + 1))
+        for m, vals in by_group.items():
+            lines.append(f"| {labels.get(m, m)} | " + " | ".join(_cell(vals[g], False) for g in groups) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -101,6 +101,16 @@ def render_probes(summary: dict[str, Any], out: Path, md_dir: Path, note: str = 
     return "\n".join(lines) + "\n"
 
 
+def _command(argv: list[str]) -> str:
+    """The command line as recorded: without ``--note`` (its text is printed beside it)."""
+    shown, skip = ["python examples/eyeq/probe.py"], False
+    for a in argv:
+        if not skip and a != "--note":
+            shown.append(a)
+        skip = a == "--note" and not skip
+    return " ".join(shown)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from examples.eyeq.train import EyeQConfig
@@ -131,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     section = probe_section(runs, args.out, dict(METHOD_LABELS))
     summary = probe_summary(runs) | {
         "runs": runs,
-        "command": " ".join(["python examples/eyeq/probe.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": _command(sys.argv[1:] if argv is None else argv),
         "machine": machine_description(),
         "torch_threads": torch.get_num_threads(),
         "wall_s": time.perf_counter() - start,

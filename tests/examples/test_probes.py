@@ -187,6 +187,7 @@ def test_probe_summary_pairs_by_seed_with_t_interval() -> None:
     assert (d["low"], d["high"]) == pytest.approx((ci.low, ci.high))
     assert d["mean"] == pytest.approx(sum(diffs) / 3)
     assert math.isnan(summary["paired"]["comcl - simclr"]["linear_kappa"]["mean"])  # never measured
+    assert summary["linear_per_quality"] == {}  # no linear probe in these runs
     table = probe_table(summary, {"comcl": "CoMCL", "simclr": "SimCLR"})
     assert "CoMCL − SimCLR" in table
     assert f"{d['mean']:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}]" in table
@@ -215,7 +216,13 @@ def test_compare_writes_probes_with_paired_intervals(tmp_path: Path, cache_dir: 
     assert probed["artefact_auroc"] == summary["methods"]["comcl"]["artefact_auroc"]["per_repeat"][1]
     cached = json.loads(next((out / "pretrain").glob("comcl*/seed1/probes.json")).read_text())
     assert cached["probes"] == probed
+    kappas = [r["probes"]["linear"]["per_quality"]["reject"]["kappa"] for r in runs["comcl"]["runs"]]
+    reject = summary["linear_per_quality"]["comcl"]["reject"]
+    assert reject["n"] == sum(k is not None for k in kappas)
+    if reject["n"]:
+        assert reject["mean"] == pytest.approx(sum(k for k in kappas if k is not None) / reject["n"])
     assert "Probes of the frozen pre-trained encoders" in (out / "compare.md").read_text()
+    assert "linear probe κ reject" in (out / "compare.md").read_text()
     assert (out / "paired_probes.png").stat().st_size > 0
     # the stand-alone command probes the same encoders to the same numbers, and fills a results section
     from examples.eyeq.probe import main as probe_main
