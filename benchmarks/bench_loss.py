@@ -55,7 +55,7 @@ OPTION_ROWS = {"dcl": {"tau_plus": 0.1}, "hcl": {"tau_plus": 0.1, "beta": 1.0}}
 
 
 def comcl_tags(n: int, device: torch.device) -> Any:
-    """Four views per source (DESIGN.md §2): V1a, V1b, V2 per lesion source; V3, V4 per healthy source."""
+    """Four views per source (docs/glossary.md): V1a, V1b, V2 per lesion source; V3, V4 per healthy source."""
     from mlcl_losses import ViewTags
 
     lesion = n // 5

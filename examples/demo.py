@@ -4,7 +4,7 @@ Every piece of the library in one short loop: synthetic fundus images with lesio
 the four views (lesion / healthy x high / low quality), the three CoMCL levels, self-paced
 weighting of negatives, and a hard-negative index filled by a momentum key encoder.
 
-    python examples/demo.py                 # about a minute on a 2-core CPU
+    python examples/demo.py                 # run time: examples/README.md
     python examples/demo.py --steps 200 --device cuda
 
 It prints the loss per level as training goes, and at the end how far apart lesion and
@@ -15,18 +15,29 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import sys
 import time
 
-import torch
-from torch import nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # FAISS and torch ship separate OpenMP pools (see index.py)
 
-from mlcl_losses import Kind, MultiLevelContrastiveLoss, PaceSchedule, Quality, SelfPacedWeighting, comcl_levels
-from mlcl_losses.degrade import FundusDegradation
-from mlcl_losses.index import HardNegativeIndex
-from mlcl_losses.synthetic import SyntheticFundus
-from mlcl_losses.views import FourViewDataset, FourViewRecord, FourViewSampler, collate_four_views
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from mlcl_losses import (  # noqa: E402
+    Kind,
+    MultiLevelContrastiveLoss,
+    PaceSchedule,
+    Quality,
+    SelfPacedWeighting,
+    comcl_levels,
+)
+from mlcl_losses.degrade import FundusDegradation  # noqa: E402
+from mlcl_losses.index import HardNegativeIndex  # noqa: E402
+from mlcl_losses.synthetic import SyntheticFundus  # noqa: E402
+from mlcl_losses.views import FourViewDataset, FourViewRecord, FourViewSampler, collate_four_views  # noqa: E402
 
 
 class TinyEncoder(nn.Module):
@@ -124,7 +135,8 @@ def main() -> None:
     before = separation(encoder, probe, device)
     start = time.perf_counter()
     step, epoch = 0, 0
-    bar = tqdm(total=args.steps, desc="pre-training", unit="step")
+    on_terminal = sys.stderr.isatty()  # a redirected log gets a line every 25 steps, not every bar refresh
+    bar = tqdm(total=args.steps, desc="pre-training", unit="step", disable=not on_terminal)
     while step < args.steps:
         dataset.set_epoch(epoch)
         for views, tags in loader:
@@ -140,6 +152,8 @@ def main() -> None:
             step += 1
             bar.set_postfix(loss=f"{loss.item():.3f}", **{n: f"{float(s.loss):.2f}" for n, s in stats.items()})
             bar.update()
+            if not on_terminal and (step % 25 == 0 or step == args.steps):
+                print(f"step {step}/{args.steps}: loss {loss.item():.3f}", flush=True)
             if step >= args.steps:
                 break
         epoch += 1

@@ -39,3 +39,18 @@ def test_every_fenced_block_is_marked() -> None:
         fences = re.findall(r"^```(\S*)", page.read_text(), re.M)
         openings = fences[::2]
         assert "" not in openings, f"{page.name}: a code block without a language (use python, text or bash)"
+
+
+def test_run_times_in_the_pages_come_from_the_results_file() -> None:
+    """Every ``<!-- runtime:NAME -->`` figure equals what docs/scripts/runtimes.py renders from docs/runtimes.json."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("runtimes", ROOT / "docs" / "scripts" / "runtimes.py")
+    assert spec is not None
+    assert spec.loader is not None
+    runtimes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runtimes)
+    assert runtimes.check() == []
+    marked = [page for page in runtimes.PAGES if runtimes.MARKER.search(page.read_text())]
+    assert ROOT / "README.md" in marked
+    assert not re.search(r"about (a|one|\d+) minutes? on a 2-core", "\n".join(p.read_text() for p in runtimes.PAGES))

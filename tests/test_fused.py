@@ -36,7 +36,7 @@ def random_tags(n: int, gen: torch.Generator, device: torch.device, sources: int
 
 
 def comcl_tags(sources: int, device: torch.device) -> ViewTags:
-    """V1a, V1b, V2 of lesion sources and V3, V4 of healthy sources (DESIGN.md §2)."""
+    """V1a, V1b, V2 of lesion sources and V3, V4 of healthy sources (docs/glossary.md)."""
     kind, quality, source = [], [], []
     for s in range(sources):
         kind += [1, 1, 1, 0, 0]

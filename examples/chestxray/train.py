@@ -2,7 +2,7 @@
 
 With no arguments it runs CoMCL on the built-in synthetic chest X-rays (``configs/default.yaml``)::
 
-    python examples/chestxray/train.py                       # CoMCL, synthetic data, ~1.5 min on 2 CPU cores
+    python examples/chestxray/train.py                       # CoMCL, synthetic data (run time: examples/README.md)
     python examples/chestxray/train.py --out runs/x --method ce --set finetune.epochs=10
     python examples/chestxray/train.py --out runs/x --resume # continue an interrupted run
     python examples/chestxray/train.py --compare --seeds 3 --out runs/chest-compare
@@ -11,7 +11,8 @@ With no arguments it runs CoMCL on the built-in synthetic chest X-rays (``config
 
 Writes ``OUT/metrics.json`` (``mean_auc``, ``per_label_auc``, ``per_quality`` good / usable / reject
 with the same keys), ``OUT/scalars.csv``, TensorBoard events, ``OUT/config.yaml`` and
-``OUT/checkpoint.pt`` (updated atomically after every epoch). ``--compare`` writes
+``OUT/summary.png`` and ``OUT/checkpoint.pt`` (updated atomically after every epoch; an existing run
+is never replaced without ``--overwrite``). ``--compare`` writes
 ``OUT/compare.json``, ``OUT/compare.md`` and ``OUT/compare_auc.png``. See examples/chestxray/README.md.
 """
 

@@ -24,6 +24,11 @@ RUN_FILES = (
     "compare.md",
     "compare_kappa.png",
     "compare_auc.png",
+    "compare.png",
+    "paired.json",
+    "probes.json",
+    "paired_probes.png",
+    "protocol.json",
     "run_time.json",
 )
 """Files the pipelines write into a run directory (besides its ``tensorboard`` directory)."""

@@ -2,15 +2,16 @@
 
 With no arguments it runs CoMCL on the built-in synthetic fundus data (``configs/default.yaml``)::
 
-    python examples/eyeq/train.py                       # CoMCL, synthetic data, ~3 min on 2 CPU cores
+    python examples/eyeq/train.py                       # CoMCL, synthetic data (run time: examples/README.md)
     python examples/eyeq/train.py --out runs/x --set pretrain.epochs=5 --set model.width=0.5
-    python examples/eyeq/train.py --out runs/x --resume # continue an interrupted run
+    python examples/eyeq/train.py --out runs/x --resume # continue an interrupted run (--overwrite: replace it)
     python examples/eyeq/train.py --compare --seeds 3 --out runs/compare
     python examples/eyeq/train.py --config examples/eyeq/configs/real_gpu.yaml --set data.eyeq.root=/data/EyeQ
 
 Writes ``OUT/metrics.json`` (accuracy, quadratic kappa, macro-F1, macro AUC, and ``per_quality``
 good / usable / reject), ``OUT/scalars.csv``, TensorBoard events, ``OUT/config.yaml`` and
-``OUT/checkpoint.pt`` (updated atomically after every epoch). ``--compare`` writes
+``OUT/summary.png`` and ``OUT/checkpoint.pt`` (updated atomically after every epoch; an existing run
+is never replaced without ``--overwrite``). ``--compare`` writes
 ``OUT/compare.json``, ``OUT/compare.md`` and ``OUT/compare_kappa.png``. See examples/eyeq/README.md.
 """
 

@@ -2,7 +2,7 @@ r"""Multi-process training: gather embeddings and tags with gradients, search a 
 
 Under ``torch.distributed`` (DDP launched by ``torchrun``) every rank holds its own part of the
 batch. Contrastive losses want negatives from the *global* batch, so the embeddings and their
-:class:`~mlcl_losses.tags.ViewTags` are all-gathered (DESIGN.md §6).
+:class:`~mlcl_losses.tags.ViewTags` are all-gathered (``docs/architecture.md``, ``docs/distributed.md``).
 
 **Gradients.** :func:`torch.distributed.all_gather` returns tensors without a gradient
 history, so a loss over the gathered batch would not train the other ranks' rows.

@@ -1,11 +1,11 @@
 """Hard-negative index: a tagged ring buffer of past embeddings with exact, tag-filtered top-k search.
 
 :class:`HardNegativeIndex` keeps the last ``capacity`` embeddings (keys of a momentum encoder, or
-detached embeddings) and their :class:`~mlcl_losses.tags.ViewTags` on the device (DESIGN.md §2,
-"Hard-sample index"). For each query it returns the ``k`` most similar entries among the allowed
-negatives: entries passing a tag predicate (a :class:`~mlcl_losses.levels.Select` or a
-:class:`~mlcl_losses.levels.Level`'s negative selector) that share neither the query's ``source``,
-``image`` nor (where asked) ``label``.
+detached embeddings) and their :class:`~mlcl_losses.tags.ViewTags` on the device
+(``docs/architecture.md``, ``docs/hard_negative_index.md``). For each query it returns the ``k``
+most similar entries among the allowed negatives: entries passing a tag predicate (a
+:class:`~mlcl_losses.levels.Select` or a :class:`~mlcl_losses.levels.Level`'s negative selector)
+that share neither the query's ``source``, ``image`` nor (where asked) ``label``.
 
 Backends (one interface, chosen by ``backend=``):
 

@@ -1,7 +1,7 @@
 """Levels: which embeddings are anchors, positives and negatives of each other.
 
 A :class:`Level` is a declarative rule over :class:`~mlcl_losses.tags.ViewTags`
-(DESIGN.md §2): an anchor selector, a positive relation (same ``source`` or same
+(``docs/architecture.md``, ``docs/method.md``): an anchor selector, a positive relation (same ``source`` or same
 ``label``) restricted by a positive selector, a negative selector, and a weight.
 Two rules hold for every level, whatever its selectors say:
 
@@ -146,7 +146,7 @@ def comcl_levels(
     quality_weight: float = 1.0,
     healthy_weight: float = 1.0,
 ) -> list[Level]:
-    """The three CoMCL levels of DESIGN.md §2 (a reconstruction: the paper's equations are not public).
+    """The three CoMCL levels of ``docs/method.md`` (a reconstruction: the paper's equations are not public).
 
     ==========  ======================  =================================  ======================
     level       anchors                 positives (same source)            negatives

@@ -1,6 +1,6 @@
 """View tags: what each embedding of a batch is (content, quality, origin).
 
-Every embedding that enters a loss carries five integer tags (DESIGN.md §2):
+Every embedding that enters a loss carries five integer tags (``docs/glossary.md``):
 
 ============  =========================================================  ==========
 tag           meaning                                                    required
