@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from examples.common.checkpoint import write_durably
-from examples.common.runlog import progress
+from examples.common.runlog import progress, show_progress
 from mlcl_losses.degrade import mix_seed
 from mlcl_losses.views import FourViewDataset, FourViewRecord
 
@@ -139,6 +139,8 @@ def render_cached(
         except Exception as err:  # a corrupt cache file is re-rendered
             logger.warning("re-rendering unreadable cache %s (%s)", path, err)
     n = len(jobs)
+    if not show_progress():  # a redirected log gets one line instead of a bar
+        print(f"{desc} ...", flush=True)
     if workers > 1:
         # not fork: a process forked after torch's OpenMP pool has run (rendering a repeat's data after the
         # previous repeat trained) can hang on a lock held at the fork. A fork server is a clean process
