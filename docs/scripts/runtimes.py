@@ -114,10 +114,10 @@ def figure(name: str, results: dict) -> str:
     where = f"{results['machine_short']} ({when})"
     if "again_s" in job:
         return (
-            f"{_duration(job['again_s'])} ({_duration(job['first_s'])} the first time, which renders and caches "
-            f"the synthetic data) on {where}"
+            f"{_duration(job['again_s'])} of wall time, {_duration(job['again_cpu_s'])} of CPU time "
+            f"({_duration(job['first_s'])} the first time, which renders and caches the synthetic data) on {where}"
         )
-    return f"{_duration(job['first_s'])} on {where}"
+    return f"{_duration(job['first_s'])} of wall time, {_duration(job['first_cpu_s'])} of CPU time on {where}"
 
 
 def _render(text: str, results: dict) -> str:
