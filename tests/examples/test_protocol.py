@@ -273,3 +273,46 @@ def test_report_rewrites_only_its_section(tmp_path: Path) -> None:
     assert report(args) == 0
     assert md.read_text() == first  # rewriting replaces the section, nothing is appended twice
     assert report(["collect", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+
+
+def test_subset_and_encoder_file_checks(tmp_path: Path) -> None:
+    from examples.common.checkpoint import CheckpointError
+    from examples.common.finetune import GradingDataset
+    from examples.common.pipeline import encoder_fingerprint, load_encoder
+
+    images = torch.arange(5.0).reshape(5, 1, 1, 1)
+    full = GradingDataset(lambda i: images[i], [0, 1, 2, 3, 4], [0, 0, 1, 1, 2])
+    sub = full.subset([4, 1])
+    assert len(sub) == 2
+    assert sub[0][1:] == (4, 2)
+    assert float(sub[1][0]) == 1.0
+    with pytest.raises(ValueError, match=r"`indices` in \[0, 5\)"):
+        full.subset([5])
+    path = tmp_path / "encoder.pt"
+    assert encoder_fingerprint(path) is None
+    torch.save({"kind": "encoder", "method": "simclr", "seed": 0, "fingerprint": "abc", "encoder": {}}, path)
+    assert encoder_fingerprint(path) == "abc"
+    assert load_encoder(path, "simclr", 0)["fingerprint"] == "abc"
+    with pytest.raises(CheckpointError, match="not the pre-trained encoder of method 'comcl', seed 0"):
+        load_encoder(path, "comcl", 0)
+    with pytest.raises(CheckpointError, match="seed 1"):
+        load_encoder(path, "simclr", 1)
+    (tmp_path / "bad.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="cannot read the pre-trained encoder"):
+        load_encoder(tmp_path / "bad.pt", "simclr", 0)
+
+
+def test_chestxray_labels_only_the_subset(cache_dir: Path) -> None:
+    from examples.chestxray.data import build_data as build_chest
+    from examples.chestxray.train import ChestXrayConfig
+
+    tiny = REPO / "examples" / "chestxray" / "configs" / "tiny.yaml"
+    overrides = [f"data.synthetic.cache_dir={cache_dir}", "finetune.label_fraction=0.5"]
+    cfg = load_config(ChestXrayConfig, tiny, overrides)
+    data = build_chest(cfg, 0)
+    n = cfg.data.synthetic.n_train
+    assert len(data.views) == n
+    assert len(data.train) == round(0.5 * n)
+    labels = data.views.records.data["pretrain_label"].tolist()
+    assert sum(lab < 2 for lab in labels) == len(data.train)  # "any finding" only inside the subset
+    assert len({lab for lab in labels if lab >= 2}) == n - len(data.train)
