@@ -4,9 +4,11 @@ Prints, as JSON, how far the resident set grows above its level before the measu
 (``VmHWM`` after a reset through ``/proc/self/clear_refs``, minus ``VmRSS``) during one
 forward+backward with an index of the given capacity: of ``MultiLevelContrastiveLoss``
 (``"loss"``), and of ``multilevel_info_nce`` given the index's whole buffer and candidates
-into it (``"functional"``).
+into it (``"functional"``). Backend ``torch``: the index holds 4096 entries; ``faiss`` (exact,
+CPU): the index is full, so the search's own memory (it gathers the allowed entries block by
+block) is part of the step.
 
-Usage: ``python tests/loss_memory_case.py CAPACITY``
+Usage: ``python tests/loss_memory_case.py CAPACITY [torch|faiss]``
 """
 
 from __future__ import annotations
@@ -33,17 +35,22 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def main(capacity: int) -> None:
+def main(capacity: int, backend: str) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    index = HardNegativeIndex(dim=DIM, capacity=capacity, backend="torch")
+    filled, chunk = (capacity, 1 << 14) if backend == "faiss" else (FILLED, None)
+    if backend == "faiss":
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+    index = HardNegativeIndex(dim=DIM, capacity=capacity, backend=backend, chunk_size=chunk)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(1)
     index.add(
-        torch.randn(FILLED, DIM, generator=gen),
+        torch.randn(filled, DIM, generator=gen),
         ViewTags(
-            kind=torch.randint(0, 2, (FILLED,), generator=gen),
-            quality=torch.randint(0, 2, (FILLED,), generator=gen),
-            source=torch.arange(FILLED) + 1000,
+            kind=torch.randint(0, 2, (filled,), generator=gen),
+            quality=torch.randint(0, 2, (filled,), generator=gen),
+            source=torch.arange(filled) + 1000,
         ),
     )
     kind, quality, source = [], [], []
@@ -77,4 +84,4 @@ def main(capacity: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "torch")

@@ -559,6 +559,34 @@ def test_torch_chunked_equals_brute_force(n: int, size: int, chunk: int, k: int,
     assert_matches_brute_force(result, ref, k)
 
 
+@pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed")
+@pytest.mark.parametrize("chunk", [16, 64], ids=lambda c: f"chunk{c}")
+def test_faiss_blockwise_filtered_search_equals_one_block(chunk: int) -> None:
+    """The FAISS CPU filtered search gathers the allowed entries block by block; the hits are those of
+    one search over the whole sub-bank (same ids in the same order, same similarities), with tag
+    predicates, source / image / label exclusions, over-fetch refills and fewer allowed than k."""
+    size, n, dim = 300, 37, 8
+    gen = torch.Generator().manual_seed(chunk)
+    x, tags = torch.randn(size, dim, generator=gen), random_tags(size, gen, n_sources=40)
+    whole = HardNegativeIndex(dim, size, backend="faiss")  # default block (131072 rows) holds the whole bank
+    blocks = HardNegativeIndex(dim, size, backend="faiss", chunk_size=chunk)
+    whole.add(x, tags)
+    blocks.add(x, tags)
+    q, qtags = torch.randn(n, dim, generator=gen), random_tags(n, gen, n_sources=40)
+    cases = [
+        (Select(kind=0), {"exclude_source": qtags.source}),
+        (Select(kind=1, quality=1), {"exclude_source": qtags.source, "exclude_image": qtags.image}),
+        (Select(quality=0), {"exclude_source": qtags.source, "exclude_label": qtags.label}),
+        (Select(kind=1, quality=0), {}),
+    ]
+    for select, kwargs in cases:
+        for k in (10, 200):  # 200 > the allowed entries of some rows: padded
+            a = whole.search(q, k, negatives=select, **kwargs)
+            b = blocks.search(q, k, negatives=select, **kwargs)
+            assert torch.equal(a.indices, b.indices), (select, list(kwargs), k)
+            torch.testing.assert_close(a.similarities, b.similarities, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_bank_torch(dtype: torch.dtype, device: torch.device) -> None:
     index, gen = filled_index("torch", device, n=200, capacity=256, dtype=dtype)

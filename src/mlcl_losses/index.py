@@ -27,9 +27,11 @@ Backends (one interface, chosen by ``backend=``):
 Tag filtering is exact in every backend: a filter never drops a true top-k neighbour. The torch
 path masks before the top-k. The FAISS paths search *per tag group*: the entries passing the
 predicate (and, for label exclusion, not carrying the query's label) are gathered into a
-contiguous sub-bank per distinct query label, which is searched with an over-fetch of ``k`` plus a
-margin; rows that lose hits to the per-query source / image exclusion are searched again with a
-doubled fetch until they hold ``k`` valid hits or the sub-bank is exhausted.
+contiguous sub-bank per distinct query label (on CPU one block of ``chunk_size`` slots at a time,
+merged into a running top-k, so the bank is never copied whole), which is searched with an
+over-fetch of ``k`` plus a margin; rows that lose hits to the per-query source / image exclusion
+are searched again with a doubled fetch until they hold ``k`` valid hits or the sub-bank is
+exhausted.
 
 Measured facts about FAISS and what the index does about them (2-core AMD EPYC VM, faiss-cpu
 1.15.1, torch 2.14.1; ``docs/hard_negative_index.md`` has the tables):
@@ -343,6 +345,35 @@ class _FaissBackend:
 
         return cpu_kernel, sub.shape[0]
 
+    def _chunked_kernel(self, bank: Tensor, allowed: Tensor) -> Callable[[Tensor, int], tuple[Tensor, Tensor]]:
+        """Exact CPU search of the allowed slots, gathered block by block (extra memory: one block), hits as slots.
+
+        Each block of ``rows`` slots is gathered, searched (``faiss.knn``) and merged into a running
+        top-k; equal similarities in different blocks keep the lower slot first. A bank of one block
+        is one ``faiss.knn`` call over the whole sub-bank.
+        """
+        faiss, rows = self.faiss, self.torch_fallback.chunk_size or max(1024, (1 << 21) // bank.shape[1])
+
+        def kernel(q: Tensor, kk: int) -> tuple[Tensor, Tensor]:
+            xq = q.detach().float().contiguous().numpy()
+            best: tuple[Tensor, Tensor] | None = None
+            for start in range(0, allowed.numel(), rows):
+                ids = torch.nonzero(allowed[start : start + rows]).squeeze(1) + start
+                if ids.numel() == 0:
+                    continue
+                xb = bank.detach().index_select(0, ids).numpy()
+                with _faiss_blas_always(faiss):
+                    d, i = faiss.knn(xq, xb, min(kk, ids.numel()), metric=faiss.METRIC_INNER_PRODUCT)
+                s, slots = torch.from_numpy(d), ids[torch.from_numpy(i)]
+                if best is not None:  # a stable sort after the earlier blocks: ties keep the lower slot
+                    s, pos = torch.sort(torch.cat([best[0], s], dim=1), dim=1, descending=True, stable=True)
+                    s, slots = s[:, :kk], torch.gather(torch.cat([best[1], slots], dim=1), 1, pos[:, :kk])
+                best = (s, slots)
+            assert best is not None  # the caller searches only non-empty sub-banks
+            return best
+
+        return kernel
+
     def _ivf_kernel(self, ivf: Any, allowed: Tensor | None) -> Callable[[Tensor, int], tuple[Tensor, Tensor]]:
         faiss = self.faiss
         params = faiss.SearchParametersIVF(nprobe=self.nprobe)
@@ -376,19 +407,20 @@ class _FaissBackend:
             allowed = flt.allowed
             if bank_keep is not None:
                 allowed = bank_keep if allowed is None else allowed & bank_keep
-            ids = None if allowed is None else torch.nonzero(allowed).squeeze(1)  # (m,) slots of the sub-bank
-            m = size if ids is None else int(ids.numel())
+            m = size if allowed is None else int(torch.count_nonzero(allowed))  # entries of the sub-bank
             if m == 0:
                 continue
             q = queries if rows is None else queries[rows]
             excl = [(qv if rows is None else qv[rows], bv) for qv, bv in flt.exclusions]
+            to_slot = None
             if ivf is not None:
-                kernel, max_k, to_slot = self._ivf_kernel(ivf, allowed), m, None
+                kernel, max_k = self._ivf_kernel(ivf, allowed), m
+            elif allowed is not None and not self.gpu:
+                kernel, max_k = self._chunked_kernel(bank, allowed), m
             else:
-                sub = bank if ids is None else bank.index_select(0, ids)
-                kernel, max_k = self._flat_kernel(sub)
-                to_slot = ids
-            s, i = self._overfetch(kernel, q, k, m, max_k, excl, to_slot, bank, flt.allowed, ids)
+                to_slot = None if allowed is None else torch.nonzero(allowed).squeeze(1)  # (m,) slots of the sub-bank
+                kernel, max_k = self._flat_kernel(bank if to_slot is None else bank.index_select(0, to_slot))
+            s, i = self._overfetch(kernel, q, k, m, max_k, excl, to_slot, bank, allowed)
             if rows is None:
                 out_s, out_i = s, i
             else:
@@ -406,7 +438,6 @@ class _FaissBackend:
         to_slot: Tensor | None,
         bank: Tensor,
         allowed: Tensor | None,
-        ids: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         """Search ``q`` for ``k`` hits that pass the per-query exclusions, fetching more where needed."""
         n, device = q.shape[0], q.device
@@ -425,11 +456,7 @@ class _FaissBackend:
         todo = torch.arange(n, device=device)
         while todo.numel() > 0:
             if fetch > max_k:  # FAISS GPU k-selection limit: finish these rows exactly with torch
-                flt = _Filter(
-                    allowed if ids is None else _mask_from_ids(ids, bank.shape[0]),
-                    [(qv[todo], bv) for qv, bv in excl],
-                    None,
-                )
+                flt = _Filter(allowed, [(qv[todo], bv) for qv, bv in excl], None)
                 s, i = self.torch_fallback.search(bank, q[todo], k, flt)
                 out_s[todo], out_i[todo] = s, i
                 break
@@ -453,12 +480,6 @@ class _FaissBackend:
         return out_s, out_i
 
 
-def _mask_from_ids(ids: Tensor, size: int) -> Tensor:
-    mask = torch.zeros(size, dtype=torch.bool, device=ids.device)
-    mask[ids] = True
-    return mask
-
-
 # ---------------------------------------------------------------------------------------------- the index
 
 
@@ -478,8 +499,9 @@ class HardNegativeIndex(nn.Module):
             search with at least ``39 * ivf_nlist`` entries (exact search until then) and retrained
             after :meth:`reset` / :meth:`~torch.nn.Module.load_state_dict`. Keeps its own copy of the bank.
         nprobe: IVF lists probed per query.
-        chunk_size: torch backend: bank rows per ``matmul`` block (default: about 64 MiB of
-            similarities per block).
+        chunk_size: bank rows per block: of the torch backend's ``matmul`` (default: about 64 MiB
+            of similarities per block), and of the exact FAISS CPU path's filtered search, which
+            gathers the allowed entries of one block at a time (default: about 8 MiB of rows).
 
     Buffers (changed under ``torch.no_grad()``): ``embeddings`` ``(M, D)`` of ``dtype`` and the
     tag fields ``(M,)`` int64. Slots not yet filled hold zeros; only indices returned by
