@@ -383,7 +383,7 @@ class FrozenWeighting:
         return self_paced_weights(w.clamp(hardness.detach()), self.lam, w.regularizer, w.zeta, w.mixture_c)
 
     def log_weights(self, hardness: Tensor) -> Tensor:
-        """``log`` of :meth:`__call__` (``-inf`` where the weight is 0), without the input checks.
+        """``log`` of the weights (``-inf`` where a weight is 0), without the input checks.
 
         For the ``hard`` regulariser one comparison: ``0`` where ``h < lambda``, else ``-inf``.
         """
@@ -452,8 +452,8 @@ class SelfPacedWeighting(nn.Module):
         self.hardness: Hardness = hardness
         self.zeta = float(zeta)
         self.mixture_c = _check_positive("mixture_c", mixture_c)
-        #: The fused loss's last k-th hardness per level name: a hint that saves it a pass over the
-        #: tiles when the next pace is close (never changes the pace; not part of the state).
+        #: Last k-th hardness per level name, kept by the fused loss as a hint that saves it a pass
+        #: over the tiles when the next pace is close (it never changes the pace; not saved).
         self.pace_hints: dict[str, float] = {}
 
     @property
