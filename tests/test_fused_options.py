@@ -262,3 +262,18 @@ def test_empty_and_single_batches_run_fused() -> None:
         assert math.isfinite(float(loss.detach()))
         assert stats["lesion"].path == "fused-torch"
         assert spl.schedule.last_lam == float("inf")  # no candidate: everything admitted
+
+
+def test_module_logs_its_path_once_at_info(caplog: pytest.LogCaptureFixture) -> None:
+    """The pipelines' configuration runs fused, and says so once (again only when the path changes)."""
+    from mlcl_losses import MultiLevelContrastiveLoss
+
+    x, tags = comcl_batch(6, 8, 4)
+    spl = SelfPacedWeighting("hard", PaceSchedule.quantile(0.8, 1.0, 10))
+    criterion = MultiLevelContrastiveLoss(comcl_levels(), temperature=0.1, weighting=spl)
+    with caplog.at_level("INFO", logger="mlcl_losses.functional"):
+        for _ in range(3):
+            _, stats = criterion(x, tags)
+    assert {s.path for s in stats.values()} == {"fused-torch"}
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert lines == ["MultiLevelContrastiveLoss runs the fused-torch path (impl='auto', backend='auto')"]
