@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import pickle
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -156,25 +154,29 @@ def run_fingerprint(
 
 
 def encoder_fingerprint(path: str | Path) -> str | None:
-    """The fingerprint stored in an ``encoder.pt`` (``None`` when there is no file)."""
+    """The fingerprint stored in an ``encoder.pt`` (``None`` when there is no file).
+
+    Raises:
+        CheckpointError: the file is unreadable or fails its digest check (see :func:`load_checkpoint`).
+    """
     if not Path(path).is_file():
         return None
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    return str(state.get("fingerprint")) if isinstance(state, dict) else None
+    return str(load_checkpoint(path).get("fingerprint"))
 
 
 def load_encoder(path: str | Path, method: str, seed: int) -> dict[str, Any]:
-    """An ``encoder.pt`` of a ``pretrain_only`` run (read with ``weights_only=True``); checks method and seed.
+    """An ``encoder.pt`` of a ``pretrain_only`` run; checks method and seed.
+
+    The file is a checkpoint of :func:`save_checkpoint`: read with ``weights_only=True`` and its SHA-256
+    digest verified, so a corrupted encoder is refused rather than silently fine-tuned.
 
     Raises:
         CheckpointError: the file is missing, unreadable, or another method's or seed's encoder.
     """
     try:
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+        state = load_checkpoint(path)
+    except CheckpointError as err:
         raise CheckpointError(f"cannot read the pre-trained encoder {path}: {err}") from err
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} is not a pre-trained encoder file")
     if state.get("kind") != "encoder" or state.get("method") != method or state.get("seed") != seed:
         raise CheckpointError(
             f"{path} is not the pre-trained encoder of method {method!r}, seed {seed} "
@@ -190,9 +192,8 @@ def _save_encoder(
     info = {"method": method, "seed": seed, "encoder": str(path), "fingerprint": fingerprint}
     if main:
         payload = {"kind": "encoder", "method": method, "seed": seed, "fingerprint": fingerprint}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(payload | {"encoder": _to_cpu(model.encoder.state_dict())}, tmp)
-        os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
+        # atomic, durable and digest-checked on load, like the run's checkpoint
+        save_checkpoint(path, payload | {"encoder": _to_cpu(model.encoder.state_dict())})
         if times:  # not when a finished pre-training is only resumed to write the file
             write_json(out / "timing.json", times)
     ddp.barrier()

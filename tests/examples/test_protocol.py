@@ -276,7 +276,7 @@ def test_report_rewrites_only_its_section(tmp_path: Path) -> None:
 
 
 def test_subset_and_encoder_file_checks(tmp_path: Path) -> None:
-    from examples.common.checkpoint import CheckpointError
+    from examples.common.checkpoint import CheckpointError, save_checkpoint
     from examples.common.finetune import GradingDataset
     from examples.common.pipeline import encoder_fingerprint, load_encoder
 
@@ -290,7 +290,7 @@ def test_subset_and_encoder_file_checks(tmp_path: Path) -> None:
         full.subset([5])
     path = tmp_path / "encoder.pt"
     assert encoder_fingerprint(path) is None
-    torch.save({"kind": "encoder", "method": "simclr", "seed": 0, "fingerprint": "abc", "encoder": {}}, path)
+    save_checkpoint(path, {"kind": "encoder", "method": "simclr", "seed": 0, "fingerprint": "abc", "encoder": {}})
     assert encoder_fingerprint(path) == "abc"
     assert load_encoder(path, "simclr", 0)["fingerprint"] == "abc"
     with pytest.raises(CheckpointError, match="not the pre-trained encoder of method 'comcl', seed 0"):
@@ -300,6 +300,29 @@ def test_subset_and_encoder_file_checks(tmp_path: Path) -> None:
     (tmp_path / "bad.pt").write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match="cannot read the pre-trained encoder"):
         load_encoder(tmp_path / "bad.pt", "simclr", 0)
+    # an encoder written without a digest (a plain torch.save) is not used
+    torch.save({"kind": "encoder", "method": "simclr", "seed": 0, "fingerprint": "abc", "encoder": {}}, path)
+    with pytest.raises(CheckpointError, match="cannot read the pre-trained encoder"):
+        load_encoder(path, "simclr", 0)
+
+
+def test_corrupted_encoder_file_is_refused(tmp_path: Path) -> None:
+    from examples.common.checkpoint import CheckpointError, save_checkpoint
+    from examples.common.pipeline import load_encoder
+
+    weight = torch.linspace(-1.0, 1.0, 64)
+    path = tmp_path / "encoder.pt"
+    save_checkpoint(
+        path, {"kind": "encoder", "method": "comcl", "seed": 0, "fingerprint": "f", "encoder": {"w": weight}}
+    )
+    assert torch.equal(load_encoder(path, "comcl", 0)["encoder"]["w"], weight)
+    data = bytearray(path.read_bytes())
+    at = bytes(data).find(weight.numpy().tobytes()[:32])
+    assert at >= 0
+    data[at + 3] ^= 0x01  # one bit of one weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="encoder.pt"):
+        load_encoder(path, "comcl", 0)
 
 
 def test_chestxray_labels_only_the_subset(cache_dir: Path) -> None:
