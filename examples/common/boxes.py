@@ -25,6 +25,7 @@ __all__ = [
     "Box",
     "SplitBoxes",
     "convert_pickle_boxes",
+    "existing_file",
     "read_boxes_json",
     "write_boxes_json",
 ]
@@ -62,7 +63,8 @@ class SplitBoxes:
     labels: dict[str, list[str]] = field(default_factory=dict)
 
 
-def _existing_file(path: PathLike, what: str) -> Path:
+def existing_file(path: PathLike, what: str) -> Path:
+    """``path`` as a ``Path``; FileNotFoundError when it does not exist, ValueError when it is not a file."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{what} not found: {p}")
@@ -252,7 +254,7 @@ def read_boxes_json(json_path: PathLike) -> dict[str, SplitBoxes]:
         ValueError: not JSON, a wrong ``format``/``version``, or an invalid box (the message names
             the file, split, group, image and box).
     """
-    p = _existing_file(json_path, "lesion-box JSON")
+    p = existing_file(json_path, "lesion-box JSON")
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -294,7 +296,7 @@ def convert_pickle_boxes(pkl_path: PathLike, json_path: PathLike, allow_pickle: 
             f"Refusing to unpickle {pkl_path}: loading a pickle runs arbitrary code stored in the file. "
             "Pass allow_pickle=True (command line: --allow-pickle) only for a file from a source you trust."
         )
-    p = _existing_file(pkl_path, "lesion-box pickle")
+    p = existing_file(pkl_path, "lesion-box pickle")
     try:
         with p.open("rb") as f:
             tree = pickle.load(f)  # guarded by allow_pickle above

@@ -51,6 +51,7 @@ from examples.common.boxes import (
     Box,
     SplitBoxes,
     convert_pickle_boxes,
+    existing_file,
     read_boxes_json,
     write_boxes_json,
 )
@@ -96,18 +97,9 @@ _INT_RE = re.compile(r"[+-]?\d+")
 # --------------------------------------------------------------------------------------------------
 
 
-def _existing_file(path: PathLike, what: str) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{what} not found: {p}")
-    if not p.is_file():
-        raise ValueError(f"Expected {what} {p} to be a file, but it is not (a directory?)")
-    return p
-
-
 def _read_csv(path: PathLike, what: str) -> tuple[Path, list[str], list[tuple[int, list[str]]]]:
     """Header (stripped names) and the non-blank rows with their 1-based line numbers."""
-    p = _existing_file(path, what)
+    p = existing_file(path, what)
     try:
         with p.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
@@ -488,7 +480,7 @@ def read_split(txt_path: PathLike) -> list[str]:
         FileNotFoundError: the file does not exist.
         ValueError: a line holding more than one name, or a name listed twice (with both lines).
     """
-    p = _existing_file(txt_path, "split list")
+    p = existing_file(txt_path, "split list")
     try:
         text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
@@ -599,7 +591,7 @@ def load_image(
         raise ValueError(f"Expected `size` to be None, an int or an (H, W) pair of ints, but got {size!r}")
     if out_size is not None and min(out_size) <= 0:
         raise ValueError(f"Expected `size` > 0, but got {size!r}")
-    p = _existing_file(path, "image")
+    p = existing_file(path, "image")
     try:
         with Image.open(p) as img:
             img.load()
