@@ -485,8 +485,24 @@ def test_bad_input_raises(call, error: type[Exception], match: str) -> None:
         ({"dim": 4, "capacity": 3, "dtype": torch.int32}, ValueError, "`dtype`"),
         ({"dim": 4, "capacity": 3, "ivf_nlist": 8}, ValueError, "ivf_nlist"),
         ({"dim": 4, "capacity": 3, "chunk_size": 0}, ValueError, "chunk_size"),
+        ({"dim": 4, "capacity": 3, "chunk_size": True}, TypeError, "`chunk_size` to be an int, but got bool"),
+        ({"dim": 4, "capacity": 3, "nprobe": True}, TypeError, "`nprobe` to be an int, but got bool"),
+        ({"dim": 4, "capacity": 3, "nprobe": 0}, ValueError, "`nprobe` > 0"),
+        ({"dim": 4, "capacity": 3, "normalize": "no"}, TypeError, "`normalize` to be a bool, but got str"),
     ],
-    ids=["dim", "capacity", "dim-type", "backend", "dtype", "ivf-without-faiss-backend", "chunk"],
+    ids=[
+        "dim",
+        "capacity",
+        "dim-type",
+        "backend",
+        "dtype",
+        "ivf-without-faiss-backend",
+        "chunk",
+        "chunk-bool",
+        "nprobe-bool",
+        "nprobe",
+        "normalize-str",
+    ],
 )
 def test_bad_construction_raises(kwargs, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):

@@ -200,6 +200,10 @@ def _choose_out(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, say: Call
     from examples.common.rundir import holds_run, next_free_dir, run_markers
 
     out = args.out if args.out is not None else Path(cfg.run.out)
+    source = "--out" if args.out is not None else "run.out"
+    for part in (out, *out.parents):
+        if part.exists() and not part.is_dir():
+            raise ConfigError(f"Expected {source} to be a directory, but {part} is a file")
     single = not args.compare and args.seeds == 1
     if args.resume:
         if single and (out / "metrics.json").is_file():

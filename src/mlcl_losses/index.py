@@ -552,11 +552,16 @@ class HardNegativeIndex(nn.Module):
             raise ValueError(f"Expected `ivf_nlist` to be a positive int or None, but got {ivf_nlist!r}")
         if ivf_nlist is not None and backend != "faiss":
             raise ValueError(f"`ivf_nlist` needs backend='faiss', but got backend={backend!r}")
-        if not isinstance(nprobe, int) or nprobe <= 0:
-            raise ValueError(f"Expected `nprobe` to be a positive int, but got {nprobe!r}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-            raise ValueError(f"Expected `chunk_size` to be a positive int or None, but got {chunk_size!r}")
-        self.dim, self.capacity, self.normalize = dim, capacity, bool(normalize)
+        if not isinstance(normalize, bool):
+            raise TypeError(f"Expected `normalize` to be a bool, but got {type(normalize).__name__}")
+        for name, option in (("nprobe", nprobe), ("chunk_size", chunk_size)):
+            if option is None and name == "chunk_size":
+                continue
+            if isinstance(option, bool) or not isinstance(option, int):
+                raise TypeError(f"Expected `{name}` to be an int, but got {type(option).__name__}")
+            if option <= 0:
+                raise ValueError(f"Expected `{name}` > 0, but got {option}")
+        self.dim, self.capacity, self.normalize = dim, capacity, normalize
         self.backend, self.ivf_nlist, self.nprobe = backend, ivf_nlist, nprobe
         device = torch.device("cpu") if device is None else torch.device(device)
         self.register_buffer("embeddings", torch.zeros(capacity, dim, dtype=dtype, device=device))

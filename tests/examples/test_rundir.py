@@ -161,3 +161,14 @@ def test_no_progress_bars_in_redirected_output(monkeypatch: pytest.MonkeyPatch) 
     assert show_progress()
     monkeypatch.setenv("RANK", "1")
     assert not show_progress()
+
+
+def test_out_that_is_a_file_is_refused(tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for out in (afile, afile / "run"):
+        capsys.readouterr()
+        assert run_tiny(main, TINY, out, cache_dir, *CE) == 2
+        err = capsys.readouterr().err
+        assert f"Expected --out to be a directory, but {afile} is a file" in err
+    assert afile.read_text() == "mine"
