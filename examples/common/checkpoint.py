@@ -221,7 +221,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     if hashlib.sha256(data).hexdigest() != digest:
         raise CheckpointError(
             f"{p} is corrupted: the SHA-256 digest of its payload does not match the one recorded when it "
-            "was written; refusing to resume from it"
+            "was written; refusing to use it (to resume or to predict)"
         )
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
