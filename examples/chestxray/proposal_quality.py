@@ -26,7 +26,13 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from examples.common.box_quality import ImageBoxes, grid_boxes, match_quality, random_like  # noqa: E402
+from examples.common.box_quality import (  # noqa: E402
+    ImageBoxes,
+    grid_boxes,
+    match_quality,
+    quality_table,
+    random_like,
+)
 from examples.common.cam_boxes import CamSettings, propose_batch, resize_batch  # noqa: E402
 from examples.common.protocol import data_draw_seeds  # noqa: E402
 from examples.common.trained import load_trained  # noqa: E402
@@ -102,21 +108,8 @@ def _fmt(x: float | None) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    counts = results[0]["cam"]["n_true"]
-    labels = [k for k in CHESTXRAY14_LABELS if counts[k] > 0]
-    parts = []
-    for t in IOUS:
-        head = ["setting", "boxes", "boxes/img", *(f"R {k} ({counts[k]})" for k in labels), "R all", "precision"]
-        lines = [f"IoU >= {t:g}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in results:
-            for method in ("cam", "random", "grid"):
-                q = r[method]
-                rec = q["recall"][f"{t:g}"]
-                name = f"{r['layer']} @ {r['cam_size']} px" if method == "cam" else ""
-                row = [name, method, f"{q['boxes_per_image']:.1f}", *(_fmt(rec[k]) for k in (*labels, "all"))]
-                lines.append("| " + " | ".join([*row, _fmt(q["precision"][f"{t:g}"])]) + " |")
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts)
+    """Markdown, one table per IoU: recall per label, precision, boxes per image; CAM vs the baselines."""
+    return quality_table(results, CHESTXRAY14_LABELS, lambda r: f"{r['layer']} @ {r['cam_size']} px", IOUS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,13 +13,14 @@ uniformly random places in the image) and :func:`grid_boxes` (a fixed grid of sq
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["ImageBoxes", "grid_boxes", "match_quality", "random_like"]
+__all__ = ["ImageBoxes", "grid_boxes", "match_quality", "quality_table", "random_like"]
 
 
 @dataclass(frozen=True)
@@ -117,3 +118,40 @@ def grid_boxes(size: tuple[int, int], cell: float) -> Tensor:
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     x1, y1 = gx.flatten(), gy.flatten()
     return torch.stack([x1, y1, (x1 + cell).clamp(max=w), (y1 + cell).clamp(max=h)], 1)
+
+
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
+def quality_table(
+    results: list[dict[str, Any]],
+    classes: Sequence[str],
+    setting: Callable[[dict[str, Any]], str],
+    ious: Sequence[float] = (0.3, 0.5),
+) -> str:
+    """Markdown, one table per IoU: recall per class, precision, boxes per image; CAM vs the baselines.
+
+    Args:
+        results: one dict per CAM setting, each with ``"cam"``, ``"random"`` and ``"grid"`` entries as the
+            proposal-quality scripts write them (``recall[iou][class]``, ``precision[iou]``,
+            ``boxes_per_image``, ``n_true[class]``).
+        classes: the lesion kinds or labels, in table order; those with no true box are left out.
+        setting: the name of a result's CAM setting (its first column).
+        ious: the IoU thresholds, one table each.
+    """
+    counts = results[0]["cam"]["n_true"]
+    shown = [k for k in classes if counts[k] > 0]
+    parts = []
+    for t in ious:
+        head = ["setting", "boxes", "boxes/img", *(f"R {k} ({counts[k]})" for k in shown), "R all", "precision"]
+        lines = [f"IoU >= {t:g}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in results:
+            for method in ("cam", "random", "grid"):
+                q = r[method]
+                rec = q["recall"][f"{t:g}"]
+                name = setting(r) if method == "cam" else ""
+                row = [name, method, f"{q['boxes_per_image']:.1f}", *(_fmt(rec[k]) for k in (*shown, "all"))]
+                lines.append("| " + " | ".join([*row, _fmt(q["precision"][f"{t:g}"])]) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)

@@ -26,7 +26,13 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from examples.common.box_quality import ImageBoxes, grid_boxes, match_quality, random_like  # noqa: E402
+from examples.common.box_quality import (  # noqa: E402
+    ImageBoxes,
+    grid_boxes,
+    match_quality,
+    quality_table,
+    random_like,
+)
 from examples.common.cam_boxes import CamSettings, propose_batch, resize_batch  # noqa: E402
 from examples.common.protocol import data_draw_seeds  # noqa: E402
 from examples.common.trained import load_trained  # noqa: E402
@@ -124,21 +130,7 @@ def _fmt(x: float | None) -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     """Markdown, one table per IoU: recall per kind, precision, boxes per image; CAM vs the baselines."""
-    kinds = [k for k in FUNDUS_LESIONS if results[0]["cam"]["n_true"][k] > 0]
-    counts = results[0]["cam"]["n_true"]
-    parts = []
-    for t in IOUS:
-        head = ["setting", "boxes", "boxes/img", *(f"R {k} ({counts[k]})" for k in kinds), "R all", "precision"]
-        lines = [f"IoU >= {t:g}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in results:
-            for method in ("cam", "random", "grid"):
-                q = r[method]
-                rec = q["recall"][f"{t:g}"]
-                name = _setting(r) if method == "cam" else ""
-                row = [name, method, f"{q['boxes_per_image']:.1f}", *(_fmt(rec[k]) for k in (*kinds, "all"))]
-                lines.append("| " + " | ".join([*row, _fmt(q["precision"][f"{t:g}"])]) + " |")
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts)
+    return quality_table(results, FUNDUS_LESIONS, _setting, IOUS)
 
 
 def main(argv: list[str] | None = None) -> int:

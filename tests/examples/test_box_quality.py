@@ -56,3 +56,26 @@ def test_grid_tiles_the_image() -> None:
     assert float(area) == 600.0
     with pytest.raises(ValueError, match="`cell` > 0"):
         grid_boxes((20, 30), 0.0)
+
+
+def test_quality_table_rows_and_hidden_empty_classes() -> None:
+    from examples.common.box_quality import quality_table
+
+    def entry(recall: float | None, precision: float) -> dict:
+        rec = {"a": recall, "b": None, "all": recall}
+        return {
+            "n_true": {"a": 3, "b": 0},
+            "recall": {"0.3": rec, "0.5": rec},
+            "precision": {"0.3": precision, "0.5": precision},
+            "boxes_per_image": 2.0,
+        }
+
+    results = [{"cam": entry(0.5, 0.25), "random": entry(None, 0.0), "grid": entry(0.125, 0.5), "layer": "l1"}]
+    text = quality_table(results, ["a", "b"], lambda r: r["layer"], ious=(0.3,))
+    lines = text.splitlines()
+    assert lines[0] == "IoU >= 0.3:"
+    assert lines[2] == "| setting | boxes | boxes/img | R a (3) | R all | precision |"  # b has no true box
+    assert lines[4] == "| l1 | cam | 2.0 | 0.50 | 0.50 | 0.25 |"
+    assert lines[5] == "|  | random | 2.0 | – | – | 0.00 |"
+    assert lines[6] == "|  | grid | 2.0 | 0.12 | 0.12 | 0.50 |"
+    assert len(lines) == 7  # one IoU given: one table
