@@ -3,7 +3,7 @@
 ``skimage.data.retina()`` is a real colour fundus photograph (1411 x 1411, uint8 RGB) and
 ``skimage.data.microaneurysms()`` a real grayscale retina detail (102 x 102, uint8). Grayscale input
 becomes the pipelines' three channels by repeating the grey value in R, G and B (what
-:func:`examples.common.datasets.load_image` with ``mode="RGB"`` does, through PIL's ``convert``);
+:func:`examples.common.images.load_image` with ``mode="RGB"`` does, through PIL's ``convert``);
 :func:`mlcl_losses.degrade.degrade_fundus` also takes the single channel directly.
 """
 
@@ -125,7 +125,7 @@ def test_grayscale_detail_degrades_as_one_channel_and_as_three(microaneurysms: t
 
 
 def test_grayscale_file_is_read_as_three_equal_channels(microaneurysms: torch.Tensor, tmp_path: Path) -> None:
-    from examples.common.datasets import load_image
+    from examples.common.images import load_image
     from PIL import Image
 
     path = tmp_path / "microaneurysms.png"

@@ -10,11 +10,11 @@ evaluation use each sample's own image, degraded according to its quality label.
 
 Real ChestX-ray14 (``data.source: chestxray14``): ``Data_Entry_2017.csv``, ``train_val_list.txt`` /
 ``test_list.txt`` (patients checked disjoint) and the PNG folder, read with
-:mod:`examples.common.datasets`. ChestX-ray14 has no image-quality labels, so each image gets a
+:mod:`examples.chestxray.readers`. ChestX-ray14 has no image-quality labels, so each image gets a
 quality level drawn from ``(data seed, image name)`` (``quality_probs``) and is degraded with an
 :class:`~mlcl_losses.degrade.XrayDegradation` of that level's severity (``severity_ranges``; Good
 stays clean): the same for every run and every training seed. Lesion boxes for pre-training come
-from ``BBox_List_2017.csv`` and/or a detector's JSON (:func:`examples.common.datasets.read_boxes_json`
+from ``BBox_List_2017.csv`` and/or a detector's JSON (:func:`examples.common.boxes.read_boxes_json`
 layout, ``boxes_json`` / ``boxes_split``); only images of the train list are used (the official box
 list is mostly test images, which pre-training must not see). Healthy patches come from regions away
 from the boxes and from ``No Finding`` training images (``healthy_images`` of them).
@@ -35,9 +35,18 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from examples.common import datasets as ds
+from examples.chestxray.readers import (
+    CHESTXRAY14_LABELS,
+    assert_patient_disjoint,
+    multi_hot,
+    read_bbox_list,
+    read_data_entry,
+    read_split,
+)
+from examples.common.boxes import Box, read_boxes_json
 from examples.common.config import ConfigError, check
 from examples.common.finetune import GradingDataset
+from examples.common.images import load_image
 from examples.common.pipeline import PipelineData
 from examples.common.protocol import data_draw_seeds, label_groups, labelled_subset, unlabelled_label
 from examples.common.views import (
@@ -66,7 +75,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-LABELS = ds.CHESTXRAY14_LABELS
+LABELS = CHESTXRAY14_LABELS
 QUALITY_NAMES = ("Good", "Usable", "Reject")
 #: SupCon needs one label per image: "any finding" (1) versus No Finding (0).
 SUPCON_LABEL = "any_finding"
@@ -276,7 +285,7 @@ class _DegradedLoader:
         self.degrade = [XrayDegradation(severity=tuple(r), kinds="random") if r[1] > 0 else None for r in ranges]
 
     def __call__(self, i: int) -> Tensor:
-        image = ds.load_image(self.paths[i], "L", self.size)
+        image = load_image(self.paths[i], "L", self.size)
         degrade = self.degrade[self.qualities[i]]
         if degrade is not None:
             g = torch.Generator().manual_seed(mix_seed(self.seed, 5, *self.paths[i].name.encode()))
@@ -289,7 +298,7 @@ class RealViewRecords(Sequence[FourViewRecord]):
 
     def __init__(
         self,
-        items: list[tuple[Path, list[ds.Box], list[ds.Box] | None, int]],
+        items: list[tuple[Path, list[Box], list[Box] | None, int]],
         size: int,
         max_lesions: int,
         seed: int,
@@ -309,7 +318,7 @@ class RealViewRecords(Sequence[FourViewRecord]):
         boxes = torch.tensor(lesions, dtype=torch.float32).reshape(-1, 4) * scale
         hb = None if not healthy else torch.tensor(healthy, dtype=torch.float32).reshape(-1, 4) * scale
         return FourViewRecord(
-            image=_rgb(ds.load_image(path, "L", self.size)),
+            image=_rgb(load_image(path, "L", self.size)),
             boxes=cap_boxes(boxes, self.max_lesions, self.seed, self.epoch, i),
             healthy_boxes=hb,
             label=label,
@@ -327,22 +336,20 @@ class _GrayDegradation:
         return _rgb(self.degrade(image[:1], generator=generator).clamp(0, 1))
 
 
-def _lesion_boxes(
-    rc: RealChestXrayConfig, root: Path | None
-) -> tuple[dict[str, list[ds.Box]], dict[str, list[ds.Box]]]:
+def _lesion_boxes(rc: RealChestXrayConfig, root: Path | None) -> tuple[dict[str, list[Box]], dict[str, list[Box]]]:
     """``(lesion boxes, healthy boxes)`` by image name, ``x1, y1, x2, y2`` in the image's pixels."""
     if rc.bbox_list is None and rc.boxes_json is None:
         raise ConfigError(
             "data.chestxray14.bbox_list: the real-data pipeline needs lesion boxes "
             "(BBox_List_2017.csv and/or a detector's boxes_json)"
         )
-    lesions: dict[str, list[ds.Box]] = {}
-    healthy: dict[str, list[ds.Box]] = {}
+    lesions: dict[str, list[Box]] = {}
+    healthy: dict[str, list[Box]] = {}
     if rc.bbox_list is not None:
-        for image, entries in ds.read_bbox_list(_path(root, rc.bbox_list)).items():
+        for image, entries in read_bbox_list(_path(root, rc.bbox_list)).items():
             lesions.setdefault(image, []).extend((x, y, x + w, y + h) for _label, (x, y, w, h) in entries)
     if rc.boxes_json is not None:
-        tree = ds.read_boxes_json(_path(root, rc.boxes_json))
+        tree = read_boxes_json(_path(root, rc.boxes_json))
         if rc.boxes_split not in tree:
             raise ConfigError(
                 f"data.chestxray14.boxes_split: split {rc.boxes_split!r} not in the box file (has {sorted(tree)})"
@@ -363,10 +370,10 @@ def _real(cfg: Any, seed: int) -> PipelineData:
     image_dir = _path(root, rc.images)
     if not image_dir.is_dir():
         raise ConfigError(f"data.chestxray14.images: directory {str(image_dir)!r} does not exist")
-    records = {r.image: r for r in ds.read_data_entry(_path(root, rc.data_entry))}
-    train_names = ds.read_split(_path(root, rc.train_list))
-    test_names = ds.read_split(_path(root, rc.test_list))
-    ds.assert_patient_disjoint(records.values(), train_names, test_names)
+    records = {r.image: r for r in read_data_entry(_path(root, rc.data_entry))}
+    train_names = read_split(_path(root, rc.train_list))
+    test_names = read_split(_path(root, rc.test_list))
+    assert_patient_disjoint(records.values(), train_names, test_names)
     train_names, test_names = train_names[: rc.limit_train], test_names[: rc.limit_test]
     for names, what in ((train_names, "train"), (test_names, "test")):
         missing = [n for n in names if not (image_dir / n).is_file()]
@@ -378,12 +385,12 @@ def _real(cfg: Any, seed: int) -> PipelineData:
     data_seed = cfg.data.synthetic.seed
     ranges = [tuple(r) for r in rc.severity_ranges]
     train_quality = [image_quality(n, data_seed, rc.quality_probs) for n in train_names]
-    labelled = _labelled(cfg, [ds.multi_hot(records[n].labels) for n in train_names], train_quality, seed)
+    labelled = _labelled(cfg, [multi_hot(records[n].labels) for n in train_names], train_quality, seed)
 
     def grading(names: list[str], augment: bool) -> GradingDataset:
         quality = [image_quality(n, data_seed, rc.quality_probs) for n in names]
         loader = _DegradedLoader([image_dir / n for n in names], quality, cfg.data.image_size, ranges, data_seed)  # type: ignore[arg-type]
-        targets = [ds.multi_hot(records[n].labels) for n in names]
+        targets = [multi_hot(records[n].labels) for n in names]
         return GradingDataset(loader, targets, quality, augment, seed)  # type: ignore[arg-type]
 
     train_ds, test_ds = grading(train_names, cfg.finetune.augment).subset(labelled), grading(test_names, False)
@@ -404,7 +411,7 @@ def _real(cfg: Any, seed: int) -> PipelineData:
     def supcon(name: str, label: int) -> int:  # SupCon's label only inside the labelled subset
         return label if name in keep else unlabelled_label(2, position[name])
 
-    items: list[tuple[Path, list[ds.Box], list[ds.Box] | None, int]] = [
+    items: list[tuple[Path, list[Box], list[Box] | None, int]] = [
         (image_dir / n, lesions[n], healthy.get(n) or None, supcon(n, 1)) for n in train_names if lesions.get(n)
     ]
     if not items:

@@ -1,7 +1,9 @@
 """Pieces shared by the example pipelines (EyeQ, ChestX-ray14).
 
-``datasets`` (readers for the real EyeQ and ChestX-ray14 formats), ``config`` (typed YAML config with
-``--set`` overrides), ``models`` (ResNet encoder of any width, projection head, momentum copy),
+``csv_rows`` and ``images`` (CSV and image reading the real datasets' readers share; the readers
+live beside their dataset, ``examples/eyeq/readers.py`` and ``examples/chestxray/readers.py``),
+``config`` (typed YAML config with ``--set`` overrides), ``models`` (ResNet encoder of any width,
+projection head, momentum copy),
 ``pretrain`` / ``finetune`` / ``evaluate`` (the stages), ``pipeline`` (one run with checkpoints and
 resume), ``task`` (loss, prediction and metrics of a single- or multi-label task), ``checkpoint``,
 ``runlog`` (CSV / JSON / TensorBoard, progress bars), ``rundir`` (which directories hold a run),
@@ -22,10 +24,11 @@ __all__ = [
     "cli",
     "compare",
     "config",
-    "datasets",
+    "csv_rows",
     "detector",
     "evaluate",
     "finetune",
+    "images",
     "models",
     "pipeline",
     "predict",

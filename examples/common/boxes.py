@@ -3,16 +3,19 @@
 Boxes come from the CoMCL authors' pickle (:func:`convert_pickle_boxes`), from class activation maps
 of a grading model (:mod:`examples.common.propose_boxes`) or from a detector; all are written with
 :func:`write_boxes_json` and read with :func:`read_boxes_json`, which reads version 1 (four numbers
-per box) and version 2 (a box may carry a ``score`` and a ``label``).
+per box) and version 2 (a box may carry a ``score`` and a ``label``). The command line converts the
+authors' pickle once: ``python -m examples.common.boxes convert-boxes IN.pkl OUT.json --allow-pickle``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import numbers
 import os
 import pickle
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,7 @@ __all__ = [
     "SplitBoxes",
     "convert_pickle_boxes",
     "existing_file",
+    "main",
     "read_boxes_json",
     "write_boxes_json",
 ]
@@ -305,3 +309,46 @@ def convert_pickle_boxes(pkl_path: PathLike, json_path: PathLike, allow_pickle: 
     boxes = _check_tree(tree, str(p), allow_flat=True)
     write_boxes_json(boxes, json_path)
     return boxes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m examples.common.boxes convert-boxes IN.pkl OUT.json --allow-pickle``.
+
+    Returns:
+        The exit status: 0 on success, 2 on an error (printed to stderr).
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.common.boxes", description="Lesion-box file utilities of the example pipelines."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    convert = sub.add_parser(
+        "convert-boxes",
+        help="convert the CoMCL authors' lesion-box pickle to JSON",
+        description="Convert {'train': {'healthy': {...}, 'unhealthy': {...}}, 'val': {...}} from a pickle to JSON.",
+    )
+    convert.add_argument("pkl", help="input pickle")
+    convert.add_argument("json", help="output JSON")
+    convert.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="required: unpickling runs code stored in the file, so only use a file you trust",
+    )
+    args = parser.parse_args(argv)
+    try:
+        boxes = convert_pickle_boxes(args.pkl, args.json, allow_pickle=args.allow_pickle)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for split, b in boxes.items():
+        n_healthy = sum(len(v) for v in b.healthy.values())
+        n_unhealthy = sum(len(v) for v in b.unhealthy.values())
+        print(
+            f"{split}: {len(b.healthy)} healthy images ({n_healthy} boxes), "
+            f"{len(b.unhealthy)} unhealthy images ({n_unhealthy} boxes)"
+        )
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

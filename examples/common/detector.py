@@ -138,7 +138,7 @@ def train_detector(
     model: nn.Module, images: Sequence[CocoImage], steps: int, batch_size: int = 2, lr: float = 0.01, seed: int = 0
 ) -> list[float]:
     """SGD (momentum 0.9, weight decay 1e-4) on random batches for ``steps`` steps; returns the losses."""
-    from examples.common.datasets import load_image
+    from examples.common.images import load_image
 
     g = torch.Generator().manual_seed(seed)
     params = [q for q in model.parameters() if q.requires_grad]
@@ -233,7 +233,7 @@ def _predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from examples.common.boxes import SplitBoxes, write_boxes_json
-    from examples.common.datasets import load_image
+    from examples.common.images import load_image
     from examples.common.predict import collect_images
 
     if not 0 <= args.score_threshold < 1:

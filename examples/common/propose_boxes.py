@@ -62,7 +62,8 @@ def dataset_items(config: dict[str, Any], pipeline: str, limit: int | None = Non
     Raises:
         ValueError: the run was configured on synthetic data, or a file of the dataset is missing.
     """
-    from examples.common import datasets as ds
+    from examples.chestxray.readers import CHESTXRAY14_LABELS, read_data_entry, read_split
+    from examples.eyeq.readers import read_eyeq_labels
 
     data = config["data"]
     source = data.get("source")
@@ -75,19 +76,19 @@ def dataset_items(config: dict[str, Any], pipeline: str, limit: int | None = Non
         rc = data["eyeq"]
         root = Path(rc["root"]).expanduser() if rc.get("root") else None
         folder = _path(root, rc["train_images"])
-        rows = ds.read_eyeq_labels(_path(root, rc["train_csv"]))[:limit]
+        rows = read_eyeq_labels(_path(root, rc["train_csv"]))[:limit]
         return [ImageItem(r.image, folder / r.image, (1,) if r.dr_grade >= 1 else ()) for r in rows]
     rc = data["chestxray14"]
     root = Path(rc["root"]).expanduser() if rc.get("root") else None
     folder = _path(root, rc["images"])
-    records = {r.image: r for r in ds.read_data_entry(_path(root, rc["data_entry"]))}
-    names = ds.read_split(_path(root, rc["train_list"]))[:limit]
+    records = {r.image: r for r in read_data_entry(_path(root, rc["data_entry"]))}
+    names = read_split(_path(root, rc["train_list"]))[:limit]
     missing = [n for n in names if n not in records]
     if missing:
         raise ValueError(
             f"data.chestxray14.train_list: {len(missing)} image(s) not in the data entry, e.g. {missing[0]!r}"
         )
-    index = {name: i for i, name in enumerate(ds.CHESTXRAY14_LABELS)}
+    index = {name: i for i, name in enumerate(CHESTXRAY14_LABELS)}
     return [ImageItem(n, folder / n, tuple(index[label] for label in records[n].labels)) for n in names]
 
 

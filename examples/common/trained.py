@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from examples.common import datasets as ds
 from examples.common.checkpoint import CheckpointError, load_checkpoint
+from examples.common.images import load_image
 from examples.common.models import Classifier, build_encoder
+from mlcl_losses.synthetic import CHESTXRAY14_LABELS
 
 __all__ = ["PIPELINES", "TrainedModel", "load_trained", "read_checkpoint"]
 
@@ -96,11 +97,11 @@ def load_model_input(path: str | os.PathLike[str], channels: int, size: int) -> 
                 f"{p}: expected a colour fundus photograph with 3 channels (RGB), got {len(bands)} ({''.join(bands)}); "
                 "a grayscale image can be given to this model only as RGB with the grey value repeated in R, G and B"
             )
-        return ds.load_image(p, "RGB", size)
+        return load_image(p, "RGB", size)
     if len(bands) == 1:
-        return ds.load_image(p, "L", size).expand(3, -1, -1).contiguous()
+        return load_image(p, "L", size).expand(3, -1, -1).contiguous()
     if len(bands) in (3, 4):
-        rgb = ds.load_image(p, "RGB", size)
+        rgb = load_image(p, "RGB", size)
         if torch.equal(rgb[0], rgb[1]) and torch.equal(rgb[1], rgb[2]):
             return rgb
     raise ValueError(
@@ -182,7 +183,7 @@ def load_trained(path: str | os.PathLike[str], expect: str | None = None) -> Tra
     if pipeline == "eyeq":
         names = tuple(str(g) for g in range(num_classes))
     else:
-        names = tuple(ds.CHESTXRAY14_LABELS)
+        names = tuple(CHESTXRAY14_LABELS)
         if len(names) != num_classes:
             raise CheckpointError(f"{p}: {num_classes} outputs, expected the {len(names)} ChestX-ray14 labels")
     size = int(config["data"]["image_size"])

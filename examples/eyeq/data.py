@@ -9,7 +9,7 @@ the seven combinations drawn per copy) for the low-quality views V2 / V4; epoch 
 to its EyeQ-style quality label (Good / Usable / Reject).
 
 Real EyeQ (``data.source: eyeq``): ``Label_EyeQ_train.csv`` / ``Label_EyeQ_test.csv`` and their
-image folders (read with :mod:`examples.common.datasets`); lesion boxes from a JSON file
+image folders (read with :mod:`examples.eyeq.readers`); lesion boxes from a JSON file
 (``data.eyeq.boxes_json``), or converted once from the CoMCL authors' pickle
 (``data.eyeq.boxes_pickle``, only with ``--allow-pickle``). Pre-training uses the images of the
 box file's ``boxes_split`` that are listed in the train CSV, resized to ``view_image_size`` with the
@@ -29,9 +29,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from examples.common import datasets as ds
+from examples.common.boxes import Box, SplitBoxes, convert_pickle_boxes, read_boxes_json
 from examples.common.config import ConfigError, check
 from examples.common.finetune import GradingDataset
+from examples.common.images import load_image
 from examples.common.pipeline import PipelineData
 from examples.common.probes import probe_views
 from examples.common.protocol import data_draw_seeds, label_groups, labelled_subset, unlabelled_label
@@ -44,6 +45,7 @@ from examples.common.views import (
     render_cached,
     synthetic_cache_path,
 )
+from examples.eyeq.readers import EYEQ_DR_GRADES, EYEQ_QUALITY_NAMES, read_eyeq_labels
 from mlcl_losses.degrade import FundusDegradation
 from mlcl_losses.views import FourViewRecord, FourViewSampler
 
@@ -52,8 +54,8 @@ __all__ = ["EyeQDataConfig", "RealEyeQConfig", "SyntheticConfig", "build_data"]
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 2  # 2: faster fundus renderer (two vessel width bins, lesion draws only for present kinds)
-QUALITY_NAMES = ds.EYEQ_QUALITY_NAMES  # Good, Usable, Reject
-NUM_GRADES = ds.EYEQ_DR_GRADES
+QUALITY_NAMES = EYEQ_QUALITY_NAMES  # Good, Usable, Reject
+NUM_GRADES = EYEQ_DR_GRADES
 
 
 @dataclass
@@ -205,7 +207,7 @@ def _synthetic(cfg: Any, seed: int) -> PipelineData:
 
 def _boxes_from_json(path: Path, train_seed: int, n: int, size: int) -> list[Tensor]:
     """The ``(K, 4)`` boxes of each synthetic training image from a box JSON (``SyntheticConfig.boxes_json``)."""
-    tree = ds.read_boxes_json(path)
+    tree = read_boxes_json(path)
     if "train" not in tree:
         raise ConfigError(f"data.synthetic.boxes_json: {path} has no split 'train' (has {sorted(tree)})")
     found = tree["train"].unhealthy
@@ -250,7 +252,7 @@ class _ImageLoader:
         self.paths, self.size = list(paths), size
 
     def __call__(self, i: int) -> Tensor:
-        return ds.load_image(self.paths[i], "RGB", self.size)
+        return load_image(self.paths[i], "RGB", self.size)
 
 
 class RealViewRecords(Sequence[FourViewRecord]):
@@ -258,7 +260,7 @@ class RealViewRecords(Sequence[FourViewRecord]):
 
     def __init__(
         self,
-        items: list[tuple[Path, list[ds.Box], list[ds.Box] | None, int, int]],
+        items: list[tuple[Path, list[Box], list[Box] | None, int, int]],
         size: int,
         max_lesions: int,
         seed: int,
@@ -278,7 +280,7 @@ class RealViewRecords(Sequence[FourViewRecord]):
         boxes = torch.tensor(lesions, dtype=torch.float32).reshape(-1, 4) * scale
         hb = None if not healthy else torch.tensor(healthy, dtype=torch.float32).reshape(-1, 4) * scale
         return FourViewRecord(
-            image=ds.load_image(path, "RGB", self.size),
+            image=load_image(path, "RGB", self.size),
             boxes=cap_boxes(boxes, self.max_lesions, self.seed, self.epoch, i),
             healthy_boxes=hb,
             label=grade,
@@ -287,7 +289,7 @@ class RealViewRecords(Sequence[FourViewRecord]):
         )
 
 
-def load_boxes(cfg: RealEyeQConfig, root: Path | None, allow_pickle: bool) -> dict[str, ds.SplitBoxes]:
+def load_boxes(cfg: RealEyeQConfig, root: Path | None, allow_pickle: bool) -> dict[str, SplitBoxes]:
     """The lesion boxes: from ``boxes_json``, or converted from ``boxes_pickle`` (needs ``allow_pickle``)."""
     if cfg.boxes_json is None and cfg.boxes_pickle is None:
         raise ConfigError(
@@ -302,8 +304,8 @@ def load_boxes(cfg: RealEyeQConfig, root: Path | None, allow_pickle: bool) -> di
             )
         pkl = _path(root, cfg.boxes_pickle)
         json_path = json_path or pkl.with_suffix(".json")
-        return ds.convert_pickle_boxes(pkl, json_path, allow_pickle=True)
-    return ds.read_boxes_json(json_path)  # type: ignore[arg-type]  # set above when boxes_pickle is None
+        return convert_pickle_boxes(pkl, json_path, allow_pickle=True)
+    return read_boxes_json(json_path)  # type: ignore[arg-type]  # set above when boxes_pickle is None
 
 
 def _real(cfg: Any, seed: int, allow_pickle: bool) -> PipelineData:
@@ -313,8 +315,8 @@ def _real(cfg: Any, seed: int, allow_pickle: bool) -> PipelineData:
         _existing_dir(root, "data.eyeq.root")
     train_dir = _existing_dir(_path(root, rc.train_images), "data.eyeq.train_images")
     test_dir = _existing_dir(_path(root, rc.test_images), "data.eyeq.test_images")
-    train_rows = ds.read_eyeq_labels(_path(root, rc.train_csv))[: rc.limit_train]
-    test_rows = ds.read_eyeq_labels(_path(root, rc.test_csv))[: rc.limit_test]
+    train_rows = read_eyeq_labels(_path(root, rc.train_csv))[: rc.limit_train]
+    test_rows = read_eyeq_labels(_path(root, rc.test_csv))[: rc.limit_test]
     for rows, folder, name in ((train_rows, train_dir, "train"), (test_rows, test_dir, "test")):
         missing = [r.image for r in rows if not (folder / r.image).is_file()]
         if missing:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from examples.chestxray.data import LABELS, image_quality
 from examples.chestxray.train import main
+from examples.common.boxes import SplitBoxes, write_boxes_json
 from examples.common.config import FinetuneConfig
-from examples.common.datasets import SplitBoxes, write_boxes_json
 from examples.common.evaluate import multilabel_metrics
 from examples.common.task import MultiLabelTask
 from PIL import Image
@@ -230,7 +230,7 @@ def test_real_train_and_test_patients_disjoint(tmp_path: Path, capsys: pytest.Ca
     root = tmp_path / "cxr"
     _fixture_chestxray(root)
     # the shipped fixture is disjoint
-    from examples.common.datasets import assert_patient_disjoint, read_data_entry, read_split
+    from examples.chestxray.readers import assert_patient_disjoint, read_data_entry, read_split
 
     records = read_data_entry(root / "Data_Entry_2017.csv")
     assert_patient_disjoint(records, read_split(root / "train_val_list.txt"), read_split(root / "test_list.txt"))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from examples.common.boxes import SplitBoxes, write_boxes_json
 from examples.common.checkpoint import load_checkpoint
-from examples.common.datasets import SplitBoxes, write_boxes_json
 from examples.eyeq.train import main
 from PIL import Image
 from pipeline_helpers import read_metrics, run_tiny

@@ -108,7 +108,7 @@ def test_predict_chestxray_on_a_grayscale_image(chest_run: Path, tmp_path: Path)
     assert chest_predict([str(chest_run), str(folder), "--out", str(out)]) == 0
     rows = _read_csv(out)
     assert len(rows) == 2
-    from examples.common.datasets import CHESTXRAY14_LABELS
+    from mlcl_losses.synthetic import CHESTXRAY14_LABELS
 
     assert list(rows[0]) == ["image", "confidence", *CHESTXRAY14_LABELS]
     for key in CHESTXRAY14_LABELS:

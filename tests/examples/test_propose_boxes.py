@@ -69,7 +69,7 @@ def test_proposals_from_a_ce_run(ce_run: tuple[Path, Path, list[tuple[str, int]]
 def test_four_views_of_the_real_photograph_with_proposed_boxes(
     ce_run: tuple[Path, Path, list[tuple[str, int]]], tmp_path: Path
 ) -> None:
-    from examples.common.datasets import load_image
+    from examples.common.images import load_image
 
     root, run, _ = ce_run
     out = tmp_path / "proposed.json"
