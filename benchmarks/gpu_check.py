@@ -117,7 +117,7 @@ def cuda_test_files() -> list[str]:
 def device_test_files() -> list[str]:
     """Test files with a test that takes the ``device`` fixture (TORCH_DEVICE)."""
     pattern = re.compile(r"def test_\w+\([^)]*\bdevice: torch\.device")
-    files = sorted(p for p in (ROOT / "tests").glob("test_*.py") if pattern.search(p.read_text()))
+    files = sorted(p for p in (ROOT / "tests").rglob("test_*.py") if pattern.search(p.read_text()))
     return [str(p.relative_to(ROOT)) for p in files]
 
 

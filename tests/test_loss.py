@@ -1,4 +1,4 @@
-"""Tests of mlcl_losses.loss.MultiLevelContrastiveLoss (the index integration is tested in test_index.py)."""
+"""Tests of mlcl_losses.loss.MultiLevelContrastiveLoss (the index itself is tested in tests/index/)."""
 
 from __future__ import annotations
 
