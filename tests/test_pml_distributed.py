@@ -8,19 +8,15 @@ return ``W * loss``, so each rank's embeddings receive ``W * dL/dz`` (DDP's aver
 
 from __future__ import annotations
 
-import os
-import socket
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from pytorch_metric_learning.miners import TripletMarginMiner
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, DistributedMinerWrapper
 from torch import Tensor
 
+from gloo_ranks import run_on_ranks
 from mlcl_losses.distributed import offset_ids_by_rank
 from mlcl_losses.functional import multilevel_info_nce
 from mlcl_losses.levels import Level, comcl_levels
@@ -85,30 +81,10 @@ def _scenarios(rank: int) -> dict[str, Tensor]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    if Path("/sys/class/net/lo").exists():
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.save(_scenarios(rank), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Tensor]]:
     """What each of the two ranks saw (one spawn for the module)."""
-    out_dir = tmp_path_factory.mktemp("pml_distributed")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_on_ranks(_scenarios, WORLD, tmp_path_factory.mktemp("pml_distributed"), weights_only=True)
 
 
 def single(parts: list[tuple[Tensor, ViewTags]], levels: list[Level], *args: object) -> tuple[Tensor, Tensor]:
