@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from hardware import cpu_model
 from mlcl_losses.index import HardNegativeIndex, faiss_available, faiss_gpu_available
 from mlcl_losses.levels import Select
 from mlcl_losses.tags import ViewTags
@@ -57,14 +58,7 @@ def timed(fn: Callable[[], Any], device: torch.device, repeat: int, budget_s: fl
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     info: dict[str, Any] = {
         "cpu": cpu,
         "cores": os.cpu_count(),

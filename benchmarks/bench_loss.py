@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from hardware import cpu_model
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 TEMPERATURE = 0.1
@@ -264,14 +266,7 @@ def run_case(
 
 def machine(device: str) -> dict[str, Any]:
     """CPU, versions (a peer that is missing: "not installed") and GPU of this run."""
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     info = {
         "cpu": cpu,
         "cores": os.cpu_count(),

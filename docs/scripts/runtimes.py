@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -28,6 +27,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # hardware.py: the CPU model, as the benchmarks record it
+
+from hardware import cpu_model  # noqa: E402
+
 RESULTS = ROOT / "docs" / "runtimes.json"
 PAGES = [ROOT / "README.md", ROOT / "examples" / "README.md", *sorted((ROOT / "examples").glob("*/README.md"))]
 MARKER = re.compile(r"<!-- runtime:(?P<name>[a-z_]+) -->(?P<body>.*?)<!-- /runtime -->", re.S)
@@ -44,14 +47,7 @@ def machine() -> str:
     """CPU model, core count, GPU (if any) and torch version of this machine, in words."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{os.cpu_count()}-core {cpu}, {gpu}, torch {torch.__version__}"
 

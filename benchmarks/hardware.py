@@ -1,0 +1,17 @@
+"""The CPU a measurement ran on, as the benchmarks and ``docs/scripts/runtimes.py`` record it."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo``; where that has none, what :mod:`platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
