@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mlcl_losses.degrade._common import gaussian_blur
+from mlcl_losses._blur import gaussian_blur
 from mlcl_losses.degrade.fundus import _fov_geometry
 from mlcl_losses.synthetic import (
     CHESTXRAY14_LABELS,

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from mlcl_losses.degrade._common import as_batch, mix_seed, resolve_generator
+from mlcl_losses._image_checks import as_batch
+from mlcl_losses._seeding import mix_seed, resolve_generator
 from mlcl_losses.tags import MAX_SOURCE, Kind, Quality, ViewTags
 
 __all__ = [

@@ -25,7 +25,8 @@ Examples:
     True
 """
 
-from mlcl_losses.degrade._common import Degradation, mix_seed
+from mlcl_losses._seeding import mix_seed
+from mlcl_losses.degrade._protocol import Degradation
 from mlcl_losses.degrade.fundus import (
     FUNDUS_COMBINATIONS,
     FUNDUS_KINDS,

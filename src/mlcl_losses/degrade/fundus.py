@@ -33,16 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mlcl_losses.degrade._common import (
-    as_batch,
-    check_kinds,
-    check_severity,
-    check_severity_spec,
-    draw_severity,
-    masked_blur,
-    resolve_generator,
-    uniform,
-)
+from mlcl_losses._blur import masked_blur
+from mlcl_losses._image_checks import as_batch
+from mlcl_losses._seeding import resolve_generator, uniform
+from mlcl_losses.degrade._arguments import check_kinds, check_severity, check_severity_spec, draw_severity
 
 __all__ = [
     "FUNDUS_COMBINATIONS",
@@ -216,7 +210,7 @@ def _blur(img: Tensor, fov: Tensor, s: float, g: torch.Generator, geo: tuple[flo
     return torch.add(out, noise, alpha=s * 0.012).clamp_(0, 1)
 
 
-def _degrade_one(
+def degrade_fundus_unchecked(
     img: Tensor,
     fov: Tensor,
     severity: float,
@@ -225,6 +219,9 @@ def _degrade_one(
     geometry: tuple[float, float, float] | None = None,
 ) -> Tensor:
     """:func:`degrade_fundus` of one checked image ``(C, H, W)`` at ``severity > 0``, without the checks.
+
+    For callers whose image and field of view need no checks (the synthetic fundus renderer);
+    not exported (not in ``__all__``).
 
     Args:
         img: ``(C, H, W)`` float in [0, 1].
@@ -294,7 +291,7 @@ def degrade_fundus(
     g = resolve_generator(generator, seed)
     masks = estimate_fov(batch) if fov is None else _check_fov(fov, batch)
     outputs = [
-        _degrade_one(img, mask, s, chosen, g) if s > 0 else img.clone()
+        degrade_fundus_unchecked(img, mask, s, chosen, g) if s > 0 else img.clone()
         for img, mask, s in zip(batch, masks, severities, strict=True)
     ]
     out = torch.stack(outputs)

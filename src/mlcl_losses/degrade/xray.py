@@ -34,16 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mlcl_losses.degrade._common import (
-    as_batch,
-    check_kinds,
-    check_severity,
-    check_severity_spec,
-    draw_severity,
-    gaussian_blur,
-    resolve_generator,
-    uniform,
-)
+from mlcl_losses._blur import gaussian_blur
+from mlcl_losses._image_checks import as_batch
+from mlcl_losses._seeding import resolve_generator, uniform
+from mlcl_losses.degrade._arguments import check_kinds, check_severity, check_severity_spec, draw_severity
 
 __all__ = ["XRAY_KINDS", "XrayDegradation", "XrayKind", "degrade_xray", "jpeg_compress"]
 
@@ -228,8 +222,12 @@ def degrade_xray(
     return result if batched else result[0]
 
 
-def _random_xray_kinds(g: torch.Generator) -> tuple[XrayKind, ...]:
-    """Draw a non-empty random subset of the X-ray kinds (never both exposure errors)."""
+def random_xray_kinds(g: torch.Generator) -> tuple[XrayKind, ...]:
+    """Draw a non-empty random subset of the X-ray kinds (never both exposure errors).
+
+    The draw of :class:`XrayDegradation` with ``kinds="random"`` and of the synthetic chest
+    X-rays; not exported (not in ``__all__``).
+    """
     pick = torch.rand(len(XRAY_KINDS), generator=g, device=g.device) < 0.35
     if not bool(pick.any()):
         pick[int(torch.randint(len(XRAY_KINDS), (1,), generator=g, device=g.device))] = True
@@ -271,7 +269,7 @@ class XrayDegradation:
         outs = []
         for img in batch:
             s = draw_severity(self.severity, g)
-            kinds = _random_xray_kinds(g) if self.kinds == "random" else self.kinds
+            kinds = random_xray_kinds(g) if self.kinds == "random" else self.kinds
             outs.append(degrade_xray(img, s, kinds, generator=g))
         out = torch.stack(outs)
         return out if batched else out[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import TypeVar
@@ -10,7 +11,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from mlcl_losses.degrade._common import _taps, gaussian_blur
+from mlcl_losses._blur import blur_taps, gaussian_blur
 
 _T = TypeVar("_T")
 
@@ -201,7 +202,7 @@ def _bin_windows(points: Tensor, which: Tensor, bins: Tensor, h: int, w: int) ->
     hi = torch.full((2, nb), -math.inf).scatter_reduce(1, idx, xy, "amax")
     out = []
     for sigma, (lx, ly), (hx, hy) in zip(bins.tolist(), lo.T.tolist(), hi.T.tolist(), strict=True):
-        radius = len(_taps(sigma)) // 2
+        radius = len(blur_taps(sigma)) // 2
         if not (lx <= w - 1 and ly <= h - 1 and hx >= 0 and hy >= 0):
             out.append((0, 0, 0, 0))  # no points of the bin on the image
             continue
@@ -231,3 +232,34 @@ def pick_points(
         order = torch.argsort(bad.to(torch.int8), stable=True)
         pts = pts[order]
     return pts[:n]
+
+
+def smooth_noise(generator: torch.Generator, shape: tuple[int, int], grid: int, channels: int = 1) -> Tensor:
+    """Smooth random field: ``(channels, H, W)`` float32, N(0, 1) per pixel, from a coarse grid.
+
+    The coarse Gaussian grid is interpolated with Gaussian weights as two small matrix
+    products (fast, smooth, no grid artefacts).
+
+    Args:
+        generator: source of randomness.
+        shape: ``(H, W)`` of the output.
+        grid: cells of the coarse grid along the longer side (larger = finer texture).
+        channels: number of independent fields.
+    """
+    h, w = shape
+    gh = max(2, round(grid * h / max(h, w)))
+    gw = max(2, round(grid * w / max(h, w)))
+    coarse = torch.randn(channels, gh + 2, gw + 2, generator=generator, device=generator.device)
+    ay = _interp_weights(h, gh, coarse.device)  # (H, gh + 2)
+    ax = _interp_weights(w, gw, coarse.device)  # (W, gw + 2)
+    return ay @ coarse @ ax.T  # (channels, H, W)
+
+
+@functools.lru_cache(maxsize=64)
+def _interp_weights(n: int, cells: int, device: torch.device) -> Tensor:
+    """``(n, cells + 2)`` Gaussian interpolation weights from a coarse grid (one cell of margin); cached."""
+    pos = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n * cells + 0.5  # in coarse units
+    centres = torch.arange(cells + 2, device=device, dtype=torch.float32)
+    weights = torch.exp(-0.5 * ((pos[:, None] - centres[None, :]) / 0.6) ** 2)
+    weights = weights / weights.sum(1, keepdim=True)
+    return weights / torch.sqrt((weights**2).sum(1, keepdim=True))  # unit variance per pixel

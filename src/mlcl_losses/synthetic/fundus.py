@@ -40,8 +40,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mlcl_losses.degrade._common import mix_seed, smooth_noise
-from mlcl_losses.degrade.fundus import FUNDUS_COMBINATIONS, _degrade_one
+from mlcl_losses._seeding import mix_seed
+from mlcl_losses.degrade.fundus import FUNDUS_COMBINATIONS, degrade_fundus_unchecked
+from mlcl_losses.synthetic._arguments import check_probs, check_severity_ranges
 from mlcl_losses.synthetic._draw import (
     blobs,
     choice,
@@ -51,6 +52,7 @@ from mlcl_losses.synthetic._draw import (
     randint,
     randn,
     render_sample,
+    smooth_noise,
     walk,
 )
 
@@ -117,28 +119,6 @@ class FundusSample:
         return [FUNDUS_LESIONS[i] for i in self.lesion_kinds.tolist()]
 
 
-def _check_probs(name: str, probs: Sequence[float], n: int) -> Tensor:
-    t = torch.as_tensor(probs, dtype=torch.float64)
-    if t.shape != (n,) or bool((t < 0).any()) or float(t.sum()) <= 0:
-        raise ValueError(f"Expected `{name}` to be {n} non-negative weights with a positive sum, but got {probs!r}")
-    return (t / t.sum()).float()
-
-
-def _check_ranges(ranges: Sequence[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
-    out = []
-    if len(ranges) != 3:
-        raise ValueError(f"Expected `severity_ranges` for 3 quality levels, but got {ranges!r}")
-    for low, high in ranges:
-        if not 0.0 <= low <= high <= 1.0:
-            raise ValueError(
-                f"Expected `severity_ranges` entries (low, high) with 0 <= low <= high <= 1, got {ranges!r}"
-            )
-        out.append((float(low), float(high)))
-    if not (out[0][1] <= out[1][0] and out[1][1] <= out[2][0]):
-        raise ValueError(f"Expected `severity_ranges` to rise with the quality label, but got {ranges!r}")
-    return tuple(out)
-
-
 class SyntheticFundus:
     """Indexable dataset of synthetic fundus photographs (a ``Dataset``-like sequence).
 
@@ -178,9 +158,9 @@ class SyntheticFundus:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"Expected `seed` to be an int, but got {seed!r}")
         self.n, self.size, self.seed = n, size, seed
-        self.grade_probs = _check_probs("grade_probs", grade_probs, 5)
-        self.quality_probs = _check_probs("quality_probs", quality_probs, 3)
-        self.severity_ranges = _check_ranges(severity_ranges)
+        self.grade_probs = check_probs("grade_probs", grade_probs, 5)
+        self.quality_probs = check_probs("quality_probs", quality_probs, 3)
+        self.severity_ranges = check_severity_ranges(severity_ranges)
 
     def __len__(self) -> int:
         """Number of samples."""
@@ -199,7 +179,7 @@ class SyntheticFundus:
         combo = FUNDUS_COMBINATIONS[randint(g, 0, len(FUNDUS_COMBINATIONS) - 1)]
         clean, fov, boxes, kinds = render_fundus(self.size, grade, g)
         if severity > 0:  # the renderer's output needs no checks
-            image = _degrade_one(clean, fov, severity, combo, g, _centred_fov_geometry(fov))
+            image = degrade_fundus_unchecked(clean, fov, severity, combo, g, _centred_fov_geometry(fov))
         else:
             image, combo = clean.clone(), ()
         return FundusSample(
@@ -217,7 +197,7 @@ class SyntheticFundus:
 
 
 def _centred_fov_geometry(fov: Tensor) -> tuple[float, float, float]:
-    """``(cx, cy, radius)`` of the renderer's FOV ``(1, S, S)``, equal to ``degrade.fundus._fov_geometry``'s.
+    """``(cx, cy, radius)`` of the renderer's FOV ``(1, S, S)``, equal to the degradation's moment geometry.
 
     The FOV is a disc centred on the image centre and symmetric under both flips (its pixel
     distances are computed symmetrically), so the mean pixel index is the centre exactly;

@@ -40,10 +40,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mlcl_losses.degrade._common import mix_seed, smooth_noise
-from mlcl_losses.degrade.xray import _random_xray_kinds, degrade_xray
-from mlcl_losses.synthetic._draw import blobs, choice, draw_lines, rand, randn, render_sample, walk
-from mlcl_losses.synthetic.fundus import _check_probs, _check_ranges
+from mlcl_losses._seeding import mix_seed
+from mlcl_losses.degrade.xray import degrade_xray, random_xray_kinds
+from mlcl_losses.synthetic._arguments import check_probs, check_severity_ranges
+from mlcl_losses.synthetic._draw import blobs, choice, draw_lines, rand, randn, render_sample, smooth_noise, walk
 
 __all__ = ["CHESTXRAY14_LABELS", "ChestXraySample", "SyntheticChestXray"]
 
@@ -146,9 +146,9 @@ class SyntheticChestXray:
         if not 0.0 <= normal_prob <= 1.0:
             raise ValueError(f"Expected `normal_prob` in [0, 1], but got {normal_prob!r}")
         self.n, self.size, self.seed, self.normal_prob = n, size, seed, float(normal_prob)
-        self.label_probs = _check_probs("label_probs", label_probs, 14)
-        self.quality_probs = _check_probs("quality_probs", quality_probs, 3)
-        self.severity_ranges = _check_ranges(severity_ranges)
+        self.label_probs = check_probs("label_probs", label_probs, 14)
+        self.quality_probs = check_probs("quality_probs", quality_probs, 3)
+        self.severity_ranges = check_severity_ranges(severity_ranges)
 
     def __len__(self) -> int:
         """Number of samples."""
@@ -167,7 +167,7 @@ class SyntheticChestXray:
         quality = choice(g, self.quality_probs)
         low, high = self.severity_ranges[quality]
         severity = low + (high - low) * float(rand(g, 1))
-        kinds = _random_xray_kinds(g)
+        kinds = random_xray_kinds(g)
         clean, boxes, box_labels = render_chest_xray(self.size, labels, g)
         if severity > 0:
             image = degrade_xray(clean, severity, kinds, generator=g)
