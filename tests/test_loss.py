@@ -333,13 +333,13 @@ def test_index_bank_handed_to_the_loss_is_the_unique_hits(monkeypatch: pytest.Mo
     z, tags, index = _index_setup(n_bank=40, seed=3, with_label=False)
     seen: dict[str, Any] = {}
 
-    original = loss_module._loss_with_options
+    original = loss_module.loss_with_options
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         seen.update(kwargs)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(loss_module, "_loss_with_options", spy)
+    monkeypatch.setattr(loss_module, "loss_with_options", spy)
     criterion = MultiLevelContrastiveLoss(comcl_levels(), temperature=0.2, index=index, k=4, impl="reference")
     criterion(z, tags)
     bank, bank_tags = seen["bank"]

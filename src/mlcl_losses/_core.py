@@ -1,8 +1,13 @@
 """What the reference, fused and Triton paths of the loss share: options, statistics, pairs.
 
 A leaf module: it imports only :mod:`mlcl_losses.levels` and :mod:`mlcl_losses.tags`, so
-:mod:`mlcl_losses.functional` (the dispatcher), :mod:`mlcl_losses._fused` and
+:mod:`mlcl_losses.functional`, the dispatcher (:mod:`mlcl_losses._dispatch`), the dense
+reference (:mod:`mlcl_losses._reference`), :mod:`mlcl_losses._fused` and
 :mod:`mlcl_losses._triton` all import it and none of them imports another's caller.
+
+* The option types (``Denominator``, ``Reduction``, ``Impl``, ``FusedBackend``) and the
+  weight callables (``NegativeWeightFn``, public as
+  :data:`mlcl_losses.functional.NegativeWeightFn`; ``AnchorWeightFn``).
 
 * :class:`LossOptions` and :func:`check_options`: the scalar options, validated once where
   they enter (:class:`~mlcl_losses.loss.MultiLevelContrastiveLoss` at construction, the
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -45,6 +51,14 @@ Impl = Literal["auto", "fused", "reference"]
 IMPLS: tuple[str, ...] = ("auto", "fused", "reference")
 FusedBackend = Literal["auto", "torch", "triton"]
 FUSED_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
+
+#: A negative weighting ``fn(hardness, mask) -> weights``, where ``hardness`` is the
+#: ``(N, C)`` anchor–candidate cosine similarity (detached), ``mask`` the ``(N, C)``
+#: bool negative mask of the level; the weights ``(N, C)`` multiply each negative's
+#: exponential term. :class:`~mlcl_losses.self_paced.SelfPacedWeighting` is one.
+NegativeWeightFn = Callable[[Tensor, Tensor], Tensor]
+NegativeWeights = Tensor | NegativeWeightFn | None
+AnchorWeightFn = Callable[[Tensor, Tensor], Tensor]
 
 #: Anchors per row tile of the torch fused path (default of ``block_rows``).
 DEFAULT_BLOCK_ROWS = 256

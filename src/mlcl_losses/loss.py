@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mlcl_losses._core import Denominator, FusedBackend, Impl, LevelStats, check_options
-from mlcl_losses.functional import _loss_with_options, _PathLog
+from mlcl_losses._dispatch import PathLog, loss_with_options
 from mlcl_losses.levels import Level, comcl_levels, validate_levels
 from mlcl_losses.self_paced import SelfPacedWeighting
 from mlcl_losses.tags import ViewTags
@@ -146,7 +146,7 @@ class MultiLevelContrastiveLoss(nn.Module):
         if k < 1:
             raise ValueError(f"Expected `k` an integer >= 1, but got {k!r}")
         self.k = k
-        self._path_log = _PathLog(type(self).__name__)
+        self._path_log = PathLog(type(self).__name__)
         self.weightings = nn.ModuleDict(self._weightings_by_level(weighting, names))
         self.index: HardNegativeIndex | None = index
         self.gather_distributed = gather_distributed
@@ -321,7 +321,7 @@ class MultiLevelContrastiveLoss(nn.Module):
         candidates: list[Tensor | None] | None = None
         if self.index is not None:
             bank, candidates = self._search_bank(embeddings, tags)
-        loss, stats = _loss_with_options(
+        loss, stats = loss_with_options(
             embeddings,
             tags,
             self.levels,

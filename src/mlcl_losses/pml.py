@@ -48,6 +48,7 @@ from pytorch_metric_learning.reducers import BaseReducer
 from torch import Tensor
 
 from mlcl_losses._core import Denominator, check_options
+from mlcl_losses._dispatch import PathLog, loss_with_options
 from mlcl_losses._pml_support import (
     Pairs,
     check_indices_tuple,
@@ -57,7 +58,6 @@ from mlcl_losses._pml_support import (
     reference_tags,
     unpack_labels,
 )
-from mlcl_losses.functional import _loss_with_options, _PathLog
 from mlcl_losses.levels import Level, comcl_levels, validate_levels
 from mlcl_losses.self_paced import SelfPacedWeighting
 from mlcl_losses.tags import ViewTags
@@ -132,7 +132,7 @@ class MultiLevelInfoNCELoss(BaseMetricLossFunction):
         check_reducer(self.reducer)
         # one checker for the module, the function and this adapter; per-anchor losses for PML's reducers
         self._options = check_options(temperature, denominator, reduction="none")
-        self._path_log = _PathLog(type(self).__name__)
+        self._path_log = PathLog(type(self).__name__)
         self.temperature = self._options.temperature
         self.denominator: Denominator = self._options.denominator
         self.add_to_recordable_attributes(list_of_names=["temperature"], is_stat=False)
@@ -205,7 +205,7 @@ class MultiLevelInfoNCELoss(BaseMetricLossFunction):
             a1, p, a2, neg = pairs
             device = embeddings.device
             pair_mask = (pairs_to_mask(a1, p, (n, n), device), pairs_to_mask(a2, neg, (n, n), device))
-        losses, stats = _loss_with_options(
+        losses, stats = loss_with_options(
             embeddings, tags, self.levels, self._options, pair_mask=pair_mask, path_log=self._path_log
         )
         return losses, [stats[level.name].valid for level in self.levels]
@@ -234,7 +234,7 @@ class MultiLevelInfoNCELoss(BaseMetricLossFunction):
             pos[:, n:] = pairs_to_mask(a1, p, (n, m), device)
             neg[:, n:] = pairs_to_mask(a2, ng, (n, m), device)
         levels = [dataclasses.replace(level, in_batch_negatives=False) for level in self.levels]
-        losses, stats = _loss_with_options(
+        losses, stats = loss_with_options(
             embeddings,
             tags,
             levels,
