@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -37,6 +38,18 @@ if DEVICE.type == "cuda" and not torch.cuda.is_available():
 def device() -> torch.device:
     """The device tests run on (TORCH_DEVICE, default cpu)."""
     return DEVICE
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for the test: many small tensor ops only pay for more threads (and contention).
+
+    Modules of such tests use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -7,6 +7,8 @@ import torch
 
 from mlcl_losses._blur import gaussian_blur, gaussian_kernel1d
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.mark.parametrize(("shape", "sigma"), [((2, 3, 17, 12), 0.6), ((1, 1, 40, 33), 2.5), ((1, 2, 5, 6), 3.0)])
 def test_gaussian_blur_equals_2d_convolution(shape: tuple[int, ...], sigma: float) -> None:

@@ -21,14 +21,7 @@ from mlcl_losses.degrade import (
 from mlcl_losses.degrade.fundus import _HALO_TINTS, _fov_geometry
 from mlcl_losses.synthetic import render_chest_xray, render_fundus
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():  # noqa: ANN202
-    """These tests run many small tensor ops: intra-op threads only add overhead (and contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fundus(seed: int = 0, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

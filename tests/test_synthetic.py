@@ -29,13 +29,7 @@ from mlcl_losses.views import FourViewDataset, FourViewSampler, collate_four_vie
 logger = logging.getLogger(__name__)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # noqa: ANN202
-    """These tests run many small tensor ops: intra-op threads only add overhead (and contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SIZE = 64

@@ -8,14 +8,7 @@ from examples.common.cam_boxes import AnyDiseaseLogit, CamSettings, boxes_from_m
 from torch import nn
 from torchvision.ops import box_iou
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():  # noqa: ANN202
-    """Small tensor ops: intra-op threads only add overhead (and contention on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _two_blob_map() -> torch.Tensor:

@@ -16,12 +16,7 @@ SIZE = 64
 NAMES = ["exudate", "haemorrhage"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # noqa: ANN202
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _coco(root: Path, n: int = 6) -> Path:
