@@ -26,7 +26,6 @@ is (torchvision ResNet or timm model): both see the same tensors.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,19 +47,22 @@ from examples.common.config import ConfigError, check
 from examples.common.finetune import GradingDataset
 from examples.common.images import load_image
 from examples.common.pipeline import PipelineData
-from examples.common.protocol import data_draw_seeds, label_groups, labelled_subset, unlabelled_label
+from examples.common.protocol import label_groups, labelled_subset, unlabelled_label
+from examples.common.synthetic_cache import (
+    SyntheticSetsConfig,
+    degraded_copies,
+    render_train_test,
+    to_uint8,
+)
 from examples.common.views import (
     CachedImages,
     EpochFourViewDataset,
+    RealViewItem,
+    RealViewRecords,
     SyntheticViewRecords,
-    cap_boxes,
-    degraded_copies,
-    render_cached,
-    synthetic_cache_path,
-    to_uint8,
 )
 from mlcl_losses.degrade import XrayDegradation, mix_seed
-from mlcl_losses.views import FourViewDataset, FourViewRecord, FourViewSampler
+from mlcl_losses.views import FourViewDataset, FourViewSampler
 
 __all__ = [
     "LABELS",
@@ -87,25 +89,15 @@ def supcon_label(target: Tensor) -> int:
 
 
 @dataclass
-class SyntheticConfig:
+class SyntheticConfig(SyntheticSetsConfig):
     """Synthetic chest X-ray sets (:class:`mlcl_losses.synthetic.SyntheticChestXray`).
 
-    ``draw_per_seed``: every training seed draws its own training and test sets (data seeds
-    ``seed + 2 s`` and ``seed + 2 s + 1``, :func:`examples.common.protocol.data_draw_seeds`);
-    ``false`` keeps one draw (``seed``, ``seed + 1``) for every training seed.
+    The settings both pipelines share are :class:`~examples.common.synthetic_cache.SyntheticSetsConfig`'s.
     """
 
     n_train: int = 384
     n_test: int = 384
     seed: int = 2000
-    n_view_copies: int = 2
-    cache_dir: str | None = None
-    workers: int = 2
-    draw_per_seed: bool = True
-
-    def validate(self, key: str) -> None:
-        for name in ("n_train", "n_test", "n_view_copies", "workers"):
-            check(getattr(self, name) >= 1, f"{key}.{name}", "an int >= 1", getattr(self, name))
 
 
 @dataclass
@@ -170,22 +162,10 @@ def _rgb(gray: Tensor) -> Tensor:
     return gray.expand(3, -1, -1).contiguous()
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mlcl_losses" / "chestxray"
-
-
-def _render_one(args: tuple[int, int, int, int, int, tuple[float, float]]) -> dict[str, Any]:
-    n, size, seed, index, copies, severity = args
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread per rendering process; restored, as with 1 worker this is the main one
-    try:
-        return _render(n, size, seed, index, copies, severity)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _render(n: int, size: int, seed: int, index: int, copies: int, severity: tuple[float, float]) -> dict[str, Any]:
+def render_sample(
+    n: int, size: int, seed: int, index: int, copies: int, severity: tuple[float, float]
+) -> dict[str, Any]:
+    """Sample ``index`` of ``SyntheticChestXray(n, size, seed)`` as uint8 tensors, with ``copies`` degraded copies."""
     from mlcl_losses.synthetic import SyntheticChestXray
 
     sample = SyntheticChestXray(n=n, size=size, seed=seed)[index]
@@ -202,24 +182,12 @@ def _render(n: int, size: int, seed: int, index: int, copies: int, severity: tup
     return out
 
 
-def render_synthetic(
-    n: int, size: int, seed: int, copies: int, severity: tuple[float, float], cache_dir: Path, workers: int
-) -> dict[str, Any]:
-    """Render (or read from the cache) ``n`` synthetic chest X-rays as uint8 ``(N, 1, S, S)`` tensors."""
-    path = synthetic_cache_path(cache_dir, "chest", n, size, seed, copies, severity, CACHE_VERSION)
-    jobs = [(n, size, seed, i, copies, severity) for i in range(n)]
-    desc = f"rendering {n} synthetic chest X-rays ({size} px, cached in {cache_dir})"
-    return render_cached(path, _render_one, jobs, workers, desc)
-
-
 def _synthetic(cfg: Any, seed: int) -> PipelineData:
     sc: SyntheticConfig = cfg.data.synthetic
-    cache = Path(sc.cache_dir) if sc.cache_dir else default_cache_dir()
-    size = cfg.data.image_size
-    severity = tuple(cfg.pretrain.degradation_severity)
-    train_seed, test_seed = data_draw_seeds(sc.seed, seed, sc.draw_per_seed)
-    train = render_synthetic(sc.n_train, size, train_seed, sc.n_view_copies, severity, cache, sc.workers)  # type: ignore[arg-type]
-    test = render_synthetic(sc.n_test, size, test_seed, 0, severity, cache, sc.workers)  # type: ignore[arg-type]
+    size, severity = cfg.data.image_size, tuple(cfg.pretrain.degradation_severity)
+    train, test, _ = render_train_test(
+        render_sample, "chest", CACHE_VERSION, "chest X-rays", "chestxray", sc, seed, size, severity
+    )
     targets, qualities = list(train["labels"]), train["quality"].tolist()
     labelled = _labelled(cfg, targets, qualities, seed)
     # pre-training labels (read by SupCon only): "any finding" inside the labelled subset, a class of its own outside
@@ -291,39 +259,6 @@ class _DegradedLoader:
             g = torch.Generator().manual_seed(mix_seed(self.seed, 5, *self.paths[i].name.encode()))
             image = degrade(image, generator=g).clamp(0, 1)
         return _rgb(image)
-
-
-class RealViewRecords(Sequence[FourViewRecord]):
-    """Four-view records over real images: resized to ``size`` on access, boxes scaled alike."""
-
-    def __init__(
-        self,
-        items: list[tuple[Path, list[Box], list[Box] | None, int]],
-        size: int,
-        max_lesions: int,
-        seed: int,
-    ) -> None:
-        self.items, self.size, self.max_lesions, self.seed, self.epoch = items, size, max_lesions, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> FourViewRecord:  # type: ignore[override]
-        from PIL import Image
-
-        path, lesions, healthy, label = self.items[i]
-        with Image.open(path) as img:
-            w, h = img.size
-        scale = torch.tensor([self.size / w, self.size / h, self.size / w, self.size / h])
-        boxes = torch.tensor(lesions, dtype=torch.float32).reshape(-1, 4) * scale
-        hb = None if not healthy else torch.tensor(healthy, dtype=torch.float32).reshape(-1, 4) * scale
-        return FourViewRecord(
-            image=_rgb(load_image(path, "L", self.size)),
-            boxes=cap_boxes(boxes, self.max_lesions, self.seed, self.epoch, i),
-            healthy_boxes=hb,
-            label=label,
-            image_id=i,
-        )
 
 
 class _GrayDegradation:
@@ -411,8 +346,10 @@ def _real(cfg: Any, seed: int) -> PipelineData:
     def supcon(name: str, label: int) -> int:  # SupCon's label only inside the labelled subset
         return label if name in keep else unlabelled_label(2, position[name])
 
-    items: list[tuple[Path, list[Box], list[Box] | None, int]] = [
-        (image_dir / n, lesions[n], healthy.get(n) or None, supcon(n, 1)) for n in train_names if lesions.get(n)
+    items = [
+        RealViewItem(image_dir / n, lesions[n], healthy.get(n) or None, supcon(n, 1))
+        for n in train_names
+        if lesions.get(n)
     ]
     if not items:
         raise ConfigError(
@@ -420,13 +357,16 @@ def _real(cfg: Any, seed: int) -> PipelineData:
             "(the official BBox_List_2017.csv covers mostly test images: give a detector's boxes_json for train images)"
         )
     normal = [n for n in train_names if not records[n].labels and not lesions.get(n)][: rc.healthy_images]
-    items += [(image_dir / n, [], healthy.get(n) or None, supcon(n, 0)) for n in normal]
+    items += [RealViewItem(image_dir / n, [], healthy.get(n) or None, supcon(n, 0)) for n in normal]
     sampler = FourViewSampler(patch_size=cfg.pretrain.patch_size, n_healthy=cfg.pretrain.n_healthy)
     degradation = _GrayDegradation(
         XrayDegradation(severity=tuple(cfg.pretrain.degradation_severity), kinds="random")  # type: ignore[arg-type]
     )
     views: FourViewDataset = EpochFourViewDataset(
-        RealViewRecords(items, rc.view_image_size, cfg.pretrain.max_lesions, seed), sampler, degradation, base_seed=seed
+        RealViewRecords(items, rc.view_image_size, cfg.pretrain.max_lesions, seed, "L", _rgb),
+        sampler,
+        degradation,
+        base_seed=seed,
     )
     return PipelineData(views, train_ds, test_ds, len(LABELS), QUALITY_NAMES)
 

@@ -1,25 +1,31 @@
-"""Data helpers both pipelines use: lesion-box capping, epoch-aware four-view dataset, rendering cache."""
+"""Four-view records both pipelines use: lesion-box capping, the epoch-aware four-view dataset, records
+over a rendered synthetic set and over real image files.
+
+The synthetic sets themselves are rendered and cached by :mod:`examples.common.synthetic_cache`.
+"""
 
 from __future__ import annotations
 
-import logging
-import multiprocessing
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from examples.common.checkpoint import write_durably
-from examples.common.runlog import progress, show_progress
+from examples.common.boxes import Box
+from examples.common.images import load_image
 from mlcl_losses.degrade import mix_seed
 from mlcl_losses.views import FourViewDataset, FourViewRecord
 
-__all__ = ["CachedImages", "EpochFourViewDataset", "SyntheticViewRecords", "cap_boxes", "render_cached"]
-
-logger = logging.getLogger(__name__)
+__all__ = [
+    "CachedImages",
+    "EpochFourViewDataset",
+    "RealViewItem",
+    "RealViewRecords",
+    "SyntheticViewRecords",
+    "cap_boxes",
+]
 
 
 def cap_boxes(boxes: Tensor, max_lesions: int, seed: int, epoch: int, index: int) -> Tensor:
@@ -58,8 +64,8 @@ class SyntheticViewRecords(Sequence[FourViewRecord]):
     """Four-view records over a rendered synthetic set; epoch-dependent lesion subset and degraded copy.
 
     Args:
-        data: output of :func:`render_cached` with ``clean``, ``boxes``, ``view_degraded``, ``quality``
-            and ``label_key``.
+        data: output of :func:`~examples.common.synthetic_cache.render_synthetic` with ``clean``,
+            ``boxes``, ``view_degraded``, ``quality`` and ``label_key``.
         max_lesions: boxes kept per image and epoch (:func:`cap_boxes`).
         seed: base of the box subsets.
         label_key: key of the targets in ``data``.
@@ -94,74 +100,65 @@ class SyntheticViewRecords(Sequence[FourViewRecord]):
         )
 
 
-def to_uint8(image: Tensor) -> Tensor:
-    """Float image in [0, 1] -> uint8 (0..255), as the synthetic caches store it."""
-    return (image.clamp(0, 1) * 255).round().to(torch.uint8)
+class RealViewItem(NamedTuple):
+    """One real training image of pre-training: its file, boxes in its pixels, labels.
 
-
-def degraded_copies(degrade: Callable[..., Tensor], clean: Tensor, seed: int, index: int, copies: int) -> Tensor:
-    """``copies`` degraded versions of ``clean`` as uint8 ``(copies, C, H, W)``, seeded by ``(seed, copy, index)``."""
-    views = []
-    for c in range(copies):
-        g = torch.Generator().manual_seed(mix_seed(seed, 77, c, index))
-        views.append(to_uint8(degrade(clean, generator=g)))
-    return torch.stack(views)
-
-
-def synthetic_cache_path(
-    cache_dir: Path, prefix: str, n: int, size: int, seed: int, copies: int, severity: tuple[float, float], version: int
-) -> Path:
-    """The cache file of one synthetic set: every setting that changes its content is in the name."""
-    sev = f"{severity[0]:g}-{severity[1]:g}" if copies else "none"
-    return cache_dir / f"{prefix}_v{version}_n{n}_s{size}_seed{seed}_c{copies}_sev{sev}.pt"
-
-
-def render_cached(
-    path: Path,
-    render_one: Callable[[Any], dict[str, Any]],
-    jobs: Sequence[Any],
-    workers: int,
-    desc: str,
-    listed: Sequence[str] = ("boxes",),
-) -> dict[str, Any]:
-    """Read ``path`` (a ``torch.save`` file), or render ``render_one(job)`` for every job and cache it there.
-
-    Items are dicts with the same keys. Tensors are stacked along a new first dimension (``view_degraded``,
-    ``(copies, ...)`` per item, along dimension 1: ``(copies, N, ...)``), numbers become a tensor and the
-    keys in ``listed`` (e.g. a variable number of boxes) stay lists. With ``workers > 1`` the items are
-    rendered in a process pool. The file is written atomically and synced to disk (as a checkpoint
-    is); an unreadable one is rendered again.
+    Attributes:
+        path: the image file.
+        lesions: lesion boxes ``(x1, y1, x2, y2)`` in the file's pixels.
+        healthy: healthy regions alike, or ``None`` (random healthy patches).
+        label: the int label of pre-training (read by SupCon).
+        quality: the image-quality label (EyeQ: 0 Good, 1 Usable, 2 Reject), or ``None``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        try:
-            return torch.load(path, weights_only=True)
-        except Exception as err:  # a corrupt cache file is re-rendered
-            logger.warning("re-rendering unreadable cache %s (%s)", path, err)
-    n = len(jobs)
-    if not show_progress():  # a redirected log gets one line instead of a bar
-        print(f"{desc} ...", flush=True)
-    if workers > 1:
-        # not fork: a process forked after torch's OpenMP pool has run (rendering a repeat's data after the
-        # previous repeat trained) can hang on a lock held at the fork. A fork server is a clean process
-        # (started once, with the renderer's module imported) that forks the workers quickly.
-        ctx = multiprocessing.get_context("forkserver" if hasattr(os, "fork") else "spawn")
-        if hasattr(os, "fork"):
-            ctx.set_forkserver_preload([render_one.__module__])
-        with ctx.Pool(workers) as pool:
-            items = list(progress(pool.imap(render_one, jobs, chunksize=4), desc, total=n, leave=True))
-    else:
-        items = [render_one(j) for j in progress(jobs, desc, leave=True)]
-    data: dict[str, Any] = {}
-    for key in items[0]:
-        values = [it[key] for it in items]
-        if key in listed:
-            data[key] = values
-        elif key == "view_degraded":
-            data[key] = torch.stack(values, 1)  # (copies, N, C, S, S)
-        elif isinstance(values[0], Tensor):
-            data[key] = torch.stack(values)
-        else:
-            data[key] = torch.tensor(values)
-    write_durably(path, lambda f: torch.save(data, f))  # as durable as a checkpoint
-    return data
+
+    path: Path
+    lesions: list[Box]
+    healthy: list[Box] | None
+    label: int
+    quality: int | None = None
+
+
+class RealViewRecords(Sequence[FourViewRecord]):
+    """Four-view records over real images: resized to ``size`` on access, boxes scaled alike.
+
+    Args:
+        items: the images (:class:`RealViewItem`).
+        size: the side the images are resized to (square).
+        max_lesions: boxes kept per image and epoch (:func:`cap_boxes`).
+        seed: base of the box subsets.
+        mode: how the files are read (:func:`~examples.common.images.load_image`): ``"RGB"`` or ``"L"``.
+        to_rgb: image as read -> the 3-channel image of the encoder.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[RealViewItem],
+        size: int,
+        max_lesions: int,
+        seed: int,
+        mode: Literal["RGB", "L"] = "RGB",
+        to_rgb: Callable[[Tensor], Tensor] = _same,
+    ) -> None:
+        self.items, self.size, self.max_lesions, self.seed, self.epoch = list(items), size, max_lesions, seed, 0
+        self.mode, self.to_rgb = mode, to_rgb
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> FourViewRecord:  # type: ignore[override]
+        from PIL import Image
+
+        item = self.items[i]
+        with Image.open(item.path) as img:
+            w, h = img.size
+        scale = torch.tensor([self.size / w, self.size / h, self.size / w, self.size / h])
+        boxes = torch.tensor(item.lesions, dtype=torch.float32).reshape(-1, 4) * scale
+        hb = None if not item.healthy else torch.tensor(item.healthy, dtype=torch.float32).reshape(-1, 4) * scale
+        return FourViewRecord(
+            image=self.to_rgb(load_image(item.path, self.mode, self.size)),
+            boxes=cap_boxes(boxes, self.max_lesions, self.seed, self.epoch, i),
+            healthy_boxes=hb,
+            label=item.label,
+            quality=item.quality,
+            image_id=i,
+        )

@@ -20,7 +20,6 @@ no boxes: it is the grader that ``python -m examples.common.propose_boxes`` prop
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,25 +28,24 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from examples.common.boxes import Box, SplitBoxes, convert_pickle_boxes, read_boxes_json
+from examples.common.boxes import SplitBoxes, convert_pickle_boxes, read_boxes_json
 from examples.common.config import ConfigError, check
 from examples.common.finetune import GradingDataset
 from examples.common.images import load_image
 from examples.common.pipeline import PipelineData
 from examples.common.probes import probe_views
-from examples.common.protocol import data_draw_seeds, label_groups, labelled_subset, unlabelled_label
+from examples.common.protocol import label_groups, labelled_subset, unlabelled_label
+from examples.common.synthetic_cache import SyntheticSetsConfig, degraded_copies, render_train_test
 from examples.common.views import (
     CachedImages,
     EpochFourViewDataset,
+    RealViewItem,
+    RealViewRecords,
     SyntheticViewRecords,
-    cap_boxes,
-    degraded_copies,
-    render_cached,
-    synthetic_cache_path,
 )
 from examples.eyeq.readers import EYEQ_DR_GRADES, EYEQ_QUALITY_NAMES, read_eyeq_labels
 from mlcl_losses.degrade import FundusDegradation
-from mlcl_losses.views import FourViewRecord, FourViewSampler
+from mlcl_losses.views import FourViewSampler
 
 __all__ = ["EyeQDataConfig", "RealEyeQConfig", "SyntheticConfig", "build_data"]
 
@@ -59,13 +57,10 @@ NUM_GRADES = EYEQ_DR_GRADES
 
 
 @dataclass
-class SyntheticConfig:
+class SyntheticConfig(SyntheticSetsConfig):
     """Synthetic fundus sets (:class:`mlcl_losses.synthetic.SyntheticFundus`).
 
-    ``draw_per_seed``: every training seed draws its own training and test sets (data seeds
-    ``seed + 2 s`` and ``seed + 2 s + 1``, :func:`examples.common.protocol.data_draw_seeds`), so
-    repeats vary the data too and no image is a training image in one repeat and a test image in
-    another; ``false`` keeps one draw (``seed``, ``seed + 1``) for every training seed.
+    The settings both pipelines share are :class:`~examples.common.synthetic_cache.SyntheticSetsConfig`'s.
 
     ``boxes_json``: pre-train on these lesion boxes instead of the rendered (true) ones, to compare box
     sources (proposed, random): split ``train``, keys ``"<train data seed>/<image index>"``, boxes in
@@ -75,15 +70,7 @@ class SyntheticConfig:
     n_train: int = 320
     n_test: int = 320
     seed: int = 1000
-    n_view_copies: int = 2
-    cache_dir: str | None = None
-    workers: int = 2
-    draw_per_seed: bool = True
     boxes_json: str | None = None
-
-    def validate(self, key: str) -> None:
-        for name in ("n_train", "n_test", "n_view_copies", "workers"):
-            check(getattr(self, name) >= 1, f"{key}.{name}", "an int >= 1", getattr(self, name))
 
 
 @dataclass
@@ -135,22 +122,10 @@ class EyeQDataConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mlcl_losses" / "eyeq"
-
-
-def _render_one(args: tuple[int, int, int, int, int, tuple[float, float]]) -> dict[str, Any]:
-    n, size, seed, index, copies, severity = args
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread per rendering process; restored, as with 1 worker this is the main one
-    try:
-        return _render(n, size, seed, index, copies, severity)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _render(n: int, size: int, seed: int, index: int, copies: int, severity: tuple[float, float]) -> dict[str, Any]:
+def render_sample(
+    n: int, size: int, seed: int, index: int, copies: int, severity: tuple[float, float]
+) -> dict[str, Any]:
+    """Sample ``index`` of ``SyntheticFundus(n, size, seed)`` as uint8 tensors, with ``copies`` degraded copies."""
     from mlcl_losses.synthetic import SyntheticFundus
 
     sample = SyntheticFundus(n=n, size=size, seed=seed)[index]
@@ -167,26 +142,15 @@ def _render(n: int, size: int, seed: int, index: int, copies: int, severity: tup
     return out
 
 
-def render_synthetic(
-    n: int, size: int, seed: int, copies: int, severity: tuple[float, float], cache_dir: Path, workers: int
-) -> dict[str, Any]:
-    """Render (or read from the cache) ``n`` synthetic fundus samples as uint8 tensors."""
-    path = synthetic_cache_path(cache_dir, "fundus", n, size, seed, copies, severity, CACHE_VERSION)
-    jobs = [(n, size, seed, i, copies, severity) for i in range(n)]
-    desc = f"rendering {n} synthetic fundus images ({size} px, cached in {cache_dir})"
-    return render_cached(path, _render_one, jobs, workers, desc)
-
-
 def _synthetic(cfg: Any, seed: int) -> PipelineData:
     sc: SyntheticConfig = cfg.data.synthetic
-    cache = Path(sc.cache_dir) if sc.cache_dir else default_cache_dir()
     size = cfg.data.image_size
     severity = tuple(cfg.pretrain.degradation_severity)
-    train_seed, test_seed = data_draw_seeds(sc.seed, seed, sc.draw_per_seed)
-    train = render_synthetic(sc.n_train, size, train_seed, sc.n_view_copies, severity, cache, sc.workers)  # type: ignore[arg-type]
+    train, test, train_seed = render_train_test(
+        render_sample, "fundus", CACHE_VERSION, "fundus images", "eyeq", sc, seed, size, severity
+    )
     if sc.boxes_json is not None:
         train = dict(train, boxes=_boxes_from_json(Path(sc.boxes_json), train_seed, sc.n_train, size))
-    test = render_synthetic(sc.n_test, size, test_seed, 0, severity, cache, sc.workers)  # type: ignore[arg-type]
     grades, qualities = train["grade"].tolist(), train["quality"].tolist()
     labelled = _labelled(cfg, grades, qualities, seed)
     # pre-training labels (read by SupCon only): the grade inside the labelled subset, a class of its own outside
@@ -255,40 +219,6 @@ class _ImageLoader:
         return load_image(self.paths[i], "RGB", self.size)
 
 
-class RealViewRecords(Sequence[FourViewRecord]):
-    """Four-view records over real images: resized to ``size`` on access, boxes scaled alike."""
-
-    def __init__(
-        self,
-        items: list[tuple[Path, list[Box], list[Box] | None, int, int]],
-        size: int,
-        max_lesions: int,
-        seed: int,
-    ) -> None:
-        self.items, self.size, self.max_lesions, self.seed, self.epoch = items, size, max_lesions, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> FourViewRecord:  # type: ignore[override]
-        from PIL import Image
-
-        path, lesions, healthy, grade, quality = self.items[i]
-        with Image.open(path) as img:
-            w, h = img.size
-        scale = torch.tensor([self.size / w, self.size / h, self.size / w, self.size / h])
-        boxes = torch.tensor(lesions, dtype=torch.float32).reshape(-1, 4) * scale
-        hb = None if not healthy else torch.tensor(healthy, dtype=torch.float32).reshape(-1, 4) * scale
-        return FourViewRecord(
-            image=load_image(path, "RGB", self.size),
-            boxes=cap_boxes(boxes, self.max_lesions, self.seed, self.epoch, i),
-            healthy_boxes=hb,
-            label=grade,
-            quality=quality,
-            image_id=i,
-        )
-
-
 def load_boxes(cfg: RealEyeQConfig, root: Path | None, allow_pickle: bool) -> dict[str, SplitBoxes]:
     """The lesion boxes: from ``boxes_json``, or converted from ``boxes_pickle`` (needs ``allow_pickle``)."""
     if cfg.boxes_json is None and cfg.boxes_pickle is None:
@@ -350,7 +280,7 @@ def _real(cfg: Any, seed: int, allow_pickle: bool) -> PipelineData:
         zip([r.image for r in train_rows], _pretrain_labels([r.dr_grade for r in train_rows], labelled), strict=True)
     )
     by_name = {r.image: r for r in train_rows}
-    items = []
+    items: list[RealViewItem] = []
     skipped = 0
     for key in sorted(set(split.unhealthy) | set(split.healthy)):
         row = by_name.get(Path(key).name)
@@ -358,7 +288,7 @@ def _real(cfg: Any, seed: int, allow_pickle: bool) -> PipelineData:
             skipped += 1
             continue
         items.append(
-            (
+            RealViewItem(
                 train_dir / row.image,
                 split.unhealthy.get(key, []),
                 split.healthy.get(key) or None,
