@@ -188,11 +188,9 @@ def test_every_finding_renders_and_changes_the_image() -> None:
 def test_view_records_feed_the_four_view_dataset() -> None:
     from mlcl_losses.degrade import XrayDegradation
 
-    data = FourViewDataset(
-        view_records(SyntheticChestXray(n=3, size=SIZE, seed=0)),
-        FourViewSampler(patch_size=16),
-        XrayDegradation(0.6, "random"),
-    )
+    with pytest.warns(DeprecationWarning, match="build the records directly"):
+        records = view_records(SyntheticChestXray(n=3, size=SIZE, seed=0))
+    data = FourViewDataset(records, FourViewSampler(patch_size=16), XrayDegradation(0.6, "random"))
     views, tags = collate_four_views([data[i] for i in range(3)])
     assert views.shape[1:] == (1, 16, 16)
     assert len(tags) == views.shape[0]

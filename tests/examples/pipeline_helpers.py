@@ -25,6 +25,11 @@ def run_tiny(main: Callable[[list[str]], int], config: Path, out: Path, cache: P
     )
 
 
+def set_args(*settings: str) -> list[str]:
+    """``["--set", s1, "--set", s2, ...]``: config overrides as the command line takes them."""
+    return [arg for setting in settings for arg in ("--set", setting)]
+
+
 def read_metrics(out: Path) -> dict[str, Any]:
     """``OUT/metrics.json``."""
     return json.loads((out / "metrics.json").read_text())

@@ -15,7 +15,7 @@ from examples.common.config import FinetuneConfig
 from examples.common.evaluate import multilabel_metrics
 from examples.common.task import MultiLabelTask
 from PIL import Image
-from pipeline_helpers import read_metrics, run_tiny
+from pipeline_helpers import read_metrics, run_tiny, set_args
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "chestxray" / "configs" / "tiny.yaml"
@@ -182,16 +182,12 @@ def _fixture_chestxray(root: Path, entries: list[tuple[str, str, int]] = ENTRIES
 
 
 def _real_args(root: Path) -> list[str]:
-    return [
-        "--set",
+    return set_args(
         "data.source=chestxray14",
-        "--set",
         f"data.chestxray14.root={root}",
-        "--set",
         "data.chestxray14.view_image_size=64",
-        "--set",
         "run.tensorboard=false",
-    ]
+    )
 
 
 def test_real_chestxray14_format(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from examples.common.boxes import SplitBoxes, write_boxes_json
 from examples.common.checkpoint import load_checkpoint
 from examples.eyeq.train import main
 from PIL import Image
-from pipeline_helpers import read_metrics, run_tiny
+from pipeline_helpers import read_metrics, run_tiny, set_args
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "eyeq" / "configs" / "tiny.yaml"
@@ -165,38 +165,20 @@ def _fixture_eyeq(root: Path) -> dict[str, SplitBoxes]:
 
 
 def _real_args(root: Path) -> list[str]:
-    return [
-        "--set",
-        "data.source=eyeq",
-        "--set",
-        f"data.eyeq.root={root}",
-        "--set",
-        "data.eyeq.view_image_size=64",
-        "--set",
-        "data.image_size=48",
-    ]
+    return set_args("data.source=eyeq", f"data.eyeq.root={root}", "data.eyeq.view_image_size=64", "data.image_size=48")
+
+
+def _real_run(tmp_path: Path, root: Path, boxes: str) -> list[str]:
+    """A tiny run on the fixture EyeQ at ``root`` into ``tmp_path / "run"``, boxes from ``data.eyeq.<boxes>``."""
+    return ["--config", str(TINY), "--out", str(tmp_path / "run"), *_real_args(root), "--set", f"data.eyeq.{boxes}"]
 
 
 def test_real_eyeq_format(tmp_path: Path) -> None:
     root = tmp_path / "EyeQ"
     write_boxes_json(_fixture_eyeq(root), tmp_path / "boxes.json")
     out = tmp_path / "run"
-    assert (
-        main(
-            [
-                "--config",
-                str(TINY),
-                "--out",
-                str(out),
-                *_real_args(root),
-                "--set",
-                f"data.eyeq.boxes_json={tmp_path / 'boxes.json'}",
-                "--set",
-                "run.tensorboard=false",
-            ]
-        )
-        == 0
-    )
+    boxes = f"boxes_json={tmp_path / 'boxes.json'}"
+    assert main([*_real_run(tmp_path, root, boxes), "--set", "run.tensorboard=false"]) == 0
     m = _metrics(out)
     _check_metrics(m)
     assert m["n"] == 6
@@ -207,15 +189,7 @@ def test_real_eyeq_pickle_needs_flag(tmp_path: Path, capsys: pytest.CaptureFixtu
     boxes = _fixture_eyeq(root)["train"]
     with (tmp_path / "boxes.pkl").open("wb") as f:
         pickle.dump({"train": {"healthy": boxes.healthy, "unhealthy": boxes.unhealthy}}, f)
-    args = [
-        "--config",
-        str(TINY),
-        "--out",
-        str(tmp_path / "run"),
-        *_real_args(root),
-        "--set",
-        f"data.eyeq.boxes_pickle={tmp_path / 'boxes.pkl'}",
-    ]
+    args = _real_run(tmp_path, root, f"boxes_pickle={tmp_path / 'boxes.pkl'}")
     args += ["--set", "run.tensorboard=false", "--method", "simclr"]
     assert main(args) == 2
     assert "--allow-pickle" in capsys.readouterr().err
@@ -228,15 +202,7 @@ def test_real_eyeq_missing_image(tmp_path: Path, capsys: pytest.CaptureFixture[s
     root = tmp_path / "EyeQ"
     write_boxes_json(_fixture_eyeq(root), tmp_path / "boxes.json")
     next((root / "test").iterdir()).unlink()
-    args = [
-        "--config",
-        str(TINY),
-        "--out",
-        str(tmp_path / "run"),
-        *_real_args(root),
-        "--set",
-        f"data.eyeq.boxes_json={tmp_path / 'boxes.json'}",
-    ]
+    args = _real_run(tmp_path, root, f"boxes_json={tmp_path / 'boxes.json'}")
     assert main(args) == 2
     assert "are not in" in capsys.readouterr().err
 

@@ -8,10 +8,16 @@ from torch.utils.data import DataLoader
 from views_cases import BOXES, P, random_image
 
 from mlcl_losses.degrade import FundusDegradation
-from mlcl_losses.synthetic import SyntheticFundus, view_records
+from mlcl_losses.synthetic import SyntheticFundus
 from mlcl_losses.views import FourViewDataset, FourViewRecord, FourViewSampler, collate_four_views
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def view_records(data: SyntheticFundus) -> list[FourViewRecord]:
+    """The records of a synthetic fundus set (what the deprecated ``mlcl_losses.synthetic.view_records`` gave)."""
+    samples = (data[i] for i in range(len(data)))
+    return [FourViewRecord(s.clean_image, s.boxes, label=s.grade, quality=s.quality, image_id=s.index) for s in samples]
 
 
 # ---------------------------------------------------------------- dataset and collate

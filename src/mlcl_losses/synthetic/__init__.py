@@ -2,8 +2,10 @@
 
 Both datasets are indexable sequences whose sample ``i`` depends only on ``(seed, i)``;
 each sample holds the (possibly degraded) image, the clean image, lesion/finding boxes and
-an EyeQ-style quality label (0 Good, 1 Usable, 2 Reject). :func:`view_records` turns them
-into records for :class:`~mlcl_losses.views.FourViewDataset`.
+an EyeQ-style quality label (0 Good, 1 Usable, 2 Reject). A sample becomes a
+:class:`~mlcl_losses.views.FourViewRecord` for :class:`~mlcl_losses.views.FourViewDataset` in one
+line (``FourViewRecord(image=s.clean_image, boxes=s.boxes, label=s.grade, quality=s.quality)``);
+:func:`view_records` / :class:`ViewRecords`, which did this lazily, are deprecated.
 
 .. py:data:: FUNDUS_LESIONS
 

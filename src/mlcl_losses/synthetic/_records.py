@@ -1,7 +1,17 @@
-"""Lazy four-view records over the synthetic datasets."""
+"""Lazy four-view records over the synthetic datasets (deprecated: build the records directly).
+
+:func:`view_records` and :class:`ViewRecords` are deprecated (after 0.1.0) and will be removed in a
+later release. Every training path of this project builds its own records instead: the example
+pipelines render each synthetic set once, cache it, and keep degraded copies and a per-epoch subset
+of the lesion boxes (``examples/common/views.py``); the Lightning example renders in ``setup``. A
+record is one line::
+
+    FourViewRecord(image=s.clean_image, boxes=s.boxes, label=s.grade, quality=s.quality, image_id=s.index)
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import overload
 
@@ -9,9 +19,18 @@ from mlcl_losses.synthetic.fundus import FundusSample, SyntheticFundus
 from mlcl_losses.synthetic.xray import SyntheticChestXray
 from mlcl_losses.views import FourViewRecord
 
+_DEPRECATION = (
+    "mlcl_losses.synthetic.view_records / ViewRecords are deprecated and will be removed in a later release: build the "
+    "records directly, e.g. [FourViewRecord(image=s.clean_image, boxes=s.boxes, label=s.grade, quality=s.quality, "
+    "image_id=s.index) for s in (dataset[i] for i in range(len(dataset)))] (see the mlcl_losses.views docs)"
+)
+
 
 class ViewRecords(Sequence[FourViewRecord]):
     """Lazy sequence of :class:`~mlcl_losses.views.FourViewRecord` over a synthetic dataset.
+
+    Deprecated (after 0.1.0): build the records directly (see the example); constructing this class
+    warns (``DeprecationWarning``).
 
     Record ``i`` renders sample ``i`` when accessed (in the DataLoader worker) and holds its
     clean image, its boxes, its label (the DR grade for fundus; ``None`` for the multi-label
@@ -22,13 +41,23 @@ class ViewRecords(Sequence[FourViewRecord]):
     Args:
         dataset: a :class:`SyntheticFundus` or :class:`SyntheticChestXray`.
 
+    Raises:
+        TypeError: ``dataset`` is neither.
+
     Examples:
-        >>> records = view_records(SyntheticFundus(n=2, size=64, seed=0))
+        The records, built directly (what replaces this class):
+
+        >>> data = SyntheticFundus(n=2, size=64, seed=0)
+        >>> records = [
+        ...     FourViewRecord(image=s.clean_image, boxes=s.boxes, label=s.grade, quality=s.quality, image_id=s.index)
+        ...     for s in (data[i] for i in range(len(data)))
+        ... ]
         >>> len(records), records[0].image.shape
         (2, torch.Size([3, 64, 64]))
     """
 
     def __init__(self, dataset: SyntheticFundus | SyntheticChestXray) -> None:
+        warnings.warn(_DEPRECATION, DeprecationWarning, stacklevel=2)
         if not isinstance(dataset, (SyntheticFundus, SyntheticChestXray)):
             raise TypeError(
                 f"Expected `dataset` to be a SyntheticFundus or SyntheticChestXray, but got {type(dataset).__name__}"
@@ -61,5 +90,13 @@ class ViewRecords(Sequence[FourViewRecord]):
 
 
 def view_records(dataset: SyntheticFundus | SyntheticChestXray) -> ViewRecords:
-    """Lazy :class:`~mlcl_losses.views.FourViewRecord` sequence over a synthetic dataset (see :class:`ViewRecords`)."""
-    return ViewRecords(dataset)
+    """Lazy :class:`~mlcl_losses.views.FourViewRecord` sequence over a synthetic dataset (see :class:`ViewRecords`).
+
+    Deprecated (after 0.1.0): build the records directly (see :class:`ViewRecords`); calling this warns
+    (``DeprecationWarning``).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # warned once, below, at the caller's line
+        records = ViewRecords(dataset)
+    warnings.warn(_DEPRECATION, DeprecationWarning, stacklevel=2)
+    return records
