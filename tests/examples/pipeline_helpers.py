@@ -30,6 +30,20 @@ def set_args(*settings: str) -> list[str]:
     return [arg for setting in settings for arg in ("--set", setting)]
 
 
+def assert_clear_error(
+    main: Callable[[list[str]], int], config: Path, out: Path, args: list[str], err: Callable[[], str], message: str
+) -> None:
+    """``main`` (on ``config`` unless ``args`` give ``--config``) exits 2 with ``message`` and no traceback on stderr.
+
+    ``err`` returns what was written to stderr (``lambda: capsys.readouterr().err``).
+    """
+    base = ["--config", str(config)] if "--config" not in args else []
+    assert main([*base, "--out", str(out), *args]) == 2
+    text = err()
+    assert message in text
+    assert "Traceback" not in text
+
+
 def read_metrics(out: Path) -> dict[str, Any]:
     """``OUT/metrics.json``."""
     return json.loads((out / "metrics.json").read_text())

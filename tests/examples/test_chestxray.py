@@ -15,7 +15,7 @@ from examples.common.config import FinetuneConfig
 from examples.common.evaluate import multilabel_metrics
 from examples.common.task import MultiLabelTask
 from PIL import Image
-from pipeline_helpers import read_metrics, run_tiny, set_args
+from pipeline_helpers import assert_clear_error, read_metrics, run_tiny, set_args
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "chestxray" / "configs" / "tiny.yaml"
@@ -128,11 +128,7 @@ def test_compare_and_seeds(tmp_path: Path, cache_dir: Path) -> None:
     ids=["missing-config", "unknown-key", "bad-value", "missing-data-root", "resume-without-checkpoint", "bad-method"],
 )
 def test_clear_errors(tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    base = ["--config", str(TINY)] if "--config" not in args else []
-    assert main([*base, "--out", str(tmp_path / "o"), *args]) == 2
-    err = capsys.readouterr().err
-    assert message in err
-    assert "Traceback" not in err
+    assert_clear_error(main, TINY, tmp_path / "o", args, lambda: capsys.readouterr().err, message)
 
 
 # ---------------------------------------------------------------- real ChestX-ray14 format

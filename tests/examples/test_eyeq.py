@@ -12,7 +12,7 @@ from examples.common.boxes import SplitBoxes, write_boxes_json
 from examples.common.checkpoint import load_checkpoint
 from examples.eyeq.train import main
 from PIL import Image
-from pipeline_helpers import read_metrics, run_tiny, set_args
+from pipeline_helpers import assert_clear_error, read_metrics, run_tiny, set_args
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "eyeq" / "configs" / "tiny.yaml"
@@ -124,11 +124,7 @@ def test_seeds_report_mean_and_std(tmp_path: Path, cache_dir: Path) -> None:
     ],
 )
 def test_clear_errors(tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    base = ["--config", str(TINY)] if "--config" not in args else []
-    assert main([*base, "--out", str(tmp_path / "o"), *args]) == 2
-    err = capsys.readouterr().err
-    assert message in err
-    assert "Traceback" not in err
+    assert_clear_error(main, TINY, tmp_path / "o", args, lambda: capsys.readouterr().err, message)
 
 
 def test_malformed_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
