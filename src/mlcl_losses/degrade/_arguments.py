@@ -1,4 +1,4 @@
-"""Argument checks of the degradations: ``severity`` (a value, one per image, or a range) and ``kinds``.
+"""Argument checks of the degradations: ``image``, ``severity`` (a value, one per image, or a range), ``kinds``.
 
 :func:`draw_severity` draws one severity from a ``(low, high)`` range, as the degradation classes do
 per image.
@@ -12,7 +12,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["check_kinds", "check_severity", "check_severity_spec", "draw_severity"]
+from mlcl_losses._image_checks import as_batch
+from mlcl_losses._seeding import resolve_generator
+
+__all__ = [
+    "check_chosen_kinds",
+    "check_degrade_call",
+    "check_kinds",
+    "check_severity",
+    "check_severity_spec",
+    "draw_severity",
+]
 
 
 def check_severity(severity: Any, batch: int) -> list[float]:
@@ -69,3 +79,33 @@ def draw_severity(spec: float | tuple[float, float], g: torch.Generator) -> floa
     low, high = check_severity_spec(spec)
     u = float(torch.rand(1, generator=g, device=g.device))
     return low + (high - low) * u
+
+
+def check_chosen_kinds(kinds: Any, allowed: Sequence[str]) -> tuple[str, ...]:
+    """:func:`check_kinds` that also refuses an empty choice."""
+    chosen = check_kinds(kinds, allowed)
+    if not chosen:
+        raise ValueError(f"Expected `kinds` to name at least one of {tuple(allowed)}, but got {kinds!r}")
+    return chosen
+
+
+def check_degrade_call(
+    image: Any,
+    severity: Any,
+    kinds: Any,
+    allowed: Sequence[str],
+    channels: Sequence[int],
+    generator: torch.Generator | None,
+    seed: int | None,
+) -> tuple[Tensor, bool, tuple[str, ...], list[float], torch.Generator]:
+    """The checks of a ``degrade_*`` call, in order: image, non-empty batch, kinds, severity, generator.
+
+    Returns:
+        ``(batch (B, C, H, W), was_batched, chosen kinds, one severity per image, generator)``.
+    """
+    batch, batched = as_batch(image, channels=channels)
+    if batch.shape[0] == 0:
+        raise ValueError(f"Expected `image` to hold at least one image, but got a batch of shape {tuple(batch.shape)}")
+    chosen = check_chosen_kinds(kinds, allowed)
+    severities = check_severity(severity, batch.shape[0])
+    return batch, batched, chosen, severities, resolve_generator(generator, seed)

@@ -36,7 +36,7 @@ from torch import Tensor
 from mlcl_losses._blur import masked_blur
 from mlcl_losses._image_checks import as_batch
 from mlcl_losses._seeding import resolve_generator, uniform
-from mlcl_losses.degrade._arguments import check_kinds, check_severity, check_severity_spec, draw_severity
+from mlcl_losses.degrade._arguments import check_chosen_kinds, check_degrade_call, check_severity_spec, draw_severity
 
 __all__ = [
     "FUNDUS_COMBINATIONS",
@@ -281,14 +281,9 @@ def degrade_fundus(
         >>> torch.equal(degrade_fundus(img, 0.0, seed=0), img)
         True
     """
-    batch, batched = as_batch(image, channels=(1, 3))
-    if batch.shape[0] == 0:
-        raise ValueError(f"Expected `image` to hold at least one image, but got a batch of shape {tuple(batch.shape)}")
-    chosen = check_kinds(kinds, FUNDUS_KINDS)
-    if not chosen:
-        raise ValueError(f"Expected `kinds` to name at least one of {FUNDUS_KINDS}, but got {kinds!r}")
-    severities = check_severity(severity, batch.shape[0])
-    g = resolve_generator(generator, seed)
+    batch, batched, chosen, severities, g = check_degrade_call(
+        image, severity, kinds, FUNDUS_KINDS, (1, 3), generator, seed
+    )
     masks = estimate_fov(batch) if fov is None else _check_fov(fov, batch)
     outputs = [
         degrade_fundus_unchecked(img, mask, s, chosen, g) if s > 0 else img.clone()
@@ -323,9 +318,7 @@ class FundusDegradation:
     def __post_init__(self) -> None:
         check_severity_spec(self.severity)
         if self.kinds != "random":
-            if not check_kinds(self.kinds, FUNDUS_KINDS):
-                raise ValueError(f"Expected `kinds` to name at least one of {FUNDUS_KINDS}, but got {self.kinds!r}")
-            object.__setattr__(self, "kinds", check_kinds(self.kinds, FUNDUS_KINDS))
+            object.__setattr__(self, "kinds", check_chosen_kinds(self.kinds, FUNDUS_KINDS))
 
     def __call__(self, image: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """Degrade ``image`` (``(C, H, W)`` or ``(B, C, H, W)`` in [0, 1]); same shape out."""

@@ -37,7 +37,7 @@ from torch import Tensor
 from mlcl_losses._blur import gaussian_blur
 from mlcl_losses._image_checks import as_batch
 from mlcl_losses._seeding import resolve_generator, uniform
-from mlcl_losses.degrade._arguments import check_kinds, check_severity, check_severity_spec, draw_severity
+from mlcl_losses.degrade._arguments import check_chosen_kinds, check_degrade_call, check_severity_spec, draw_severity
 
 __all__ = ["XRAY_KINDS", "XrayDegradation", "XrayKind", "degrade_xray", "jpeg_compress"]
 
@@ -205,14 +205,9 @@ def degrade_xray(
         >>> y.shape, bool(y.min() >= 0), bool(y.max() <= 1)
         (torch.Size([1, 64, 64]), True, True)
     """
-    batch, batched = as_batch(image, channels=(1,))
-    if batch.shape[0] == 0:
-        raise ValueError(f"Expected `image` to hold at least one image, but got a batch of shape {tuple(batch.shape)}")
-    chosen = check_kinds(kinds, XRAY_KINDS)
-    if not chosen:
-        raise ValueError(f"Expected `kinds` to name at least one of {XRAY_KINDS}, but got {kinds!r}")
-    severities = check_severity(severity, batch.shape[0])
-    g = resolve_generator(generator, seed)
+    batch, batched, chosen, severities, g = check_degrade_call(
+        image, severity, kinds, XRAY_KINDS, (1,), generator, seed
+    )
     outs = []
     for img, s in zip(batch, severities, strict=True):
         out = _one(img.float(), s, chosen, g).to(img.dtype)
@@ -257,10 +252,7 @@ class XrayDegradation:
     def __post_init__(self) -> None:
         check_severity_spec(self.severity)
         if self.kinds != "random":
-            chosen = check_kinds(self.kinds, XRAY_KINDS)
-            if not chosen:
-                raise ValueError(f"Expected `kinds` to name at least one of {XRAY_KINDS}, but got {self.kinds!r}")
-            object.__setattr__(self, "kinds", chosen)
+            object.__setattr__(self, "kinds", check_chosen_kinds(self.kinds, XRAY_KINDS))
 
     def __call__(self, image: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """Degrade ``image`` (``(1, H, W)`` or ``(B, 1, H, W)`` in [0, 1]); same shape out."""

@@ -1,4 +1,4 @@
-"""Argument checks of the synthetic datasets: category weights and the severity range of each quality label."""
+"""Argument checks of the synthetic datasets: size and seed, category weights, severity ranges per quality label."""
 
 from __future__ import annotations
 
@@ -7,7 +7,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["check_probs", "check_severity_ranges"]
+__all__ = ["check_dataset_shape", "check_probs", "check_severity_ranges"]
+
+
+def check_dataset_shape(n: int, size: int, seed: int) -> None:
+    """Validate a dataset's sample count ``n >= 0``, image side ``size >= 32`` and base ``seed`` (ints)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"Expected `n` to be an int >= 0, but got {n!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 32:
+        raise ValueError(f"Expected `size` to be an int >= 32, but got {size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"Expected `seed` to be an int, but got {seed!r}")
 
 
 def check_probs(name: str, probs: Sequence[float], n: int) -> Tensor:

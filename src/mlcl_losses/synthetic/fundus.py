@@ -19,15 +19,11 @@ The image quality label (0 Good, 1 Usable, 2 Reject, as in EyeQ) is made by
 with the label, with one of the seven degradation combinations drawn per image. The
 sample returns the clean image too, for view construction.
 
-Speed: ``SyntheticFundus(n, size=256)[i]`` (rendering and degradation) runs at 57-61 images/s
-of CPU time on one thread, 53-68 in single processes (``benchmarks/bench_synthetic.py``, two runs
-of three processes x 200 images; AMD EPYC, a shared VM whose speed drifts by up to 1.6x within
-minutes). Against the previous renderer, image by image in alternation: 1.21x faster (1.26-1.28x
-when both run in one process). It runs under :func:`torch.inference_mode`, issues ~860 tensor
-operations per image (down from ~1,160), draws only the lesion kinds of the grade, rasterises the
-vessels in two width bins and degrades without re-validating its own output. What remains is
-per-pixel work on full images (vessel blurs, the blur degradation, random noise fields) and the
-fixed cost of the small operations.
+Speed: rendering runs under :func:`torch.inference_mode`, draws only the lesion kinds of the
+grade, rasterises the vessels in two width bins and degrades without re-validating its own
+output; what remains is per-pixel work on full images (vessel blurs, the blur degradation, random
+noise fields) and the fixed cost of the small operations. The throughput is measured by
+``benchmarks/bench_synthetic.py`` (figures in ``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -42,7 +38,7 @@ from torch import Tensor
 
 from mlcl_losses._seeding import mix_seed
 from mlcl_losses.degrade.fundus import FUNDUS_COMBINATIONS, degrade_fundus_unchecked
-from mlcl_losses.synthetic._arguments import check_probs, check_severity_ranges
+from mlcl_losses.synthetic._arguments import check_dataset_shape, check_probs, check_severity_ranges
 from mlcl_losses.synthetic._draw import (
     blobs,
     choice,
@@ -151,12 +147,7 @@ class SyntheticFundus:
         quality_probs: Sequence[float] = (0.5, 0.3, 0.2),
         severity_ranges: Sequence[tuple[float, float]] = ((0.0, 0.1), (0.3, 0.55), (0.7, 1.0)),
     ) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"Expected `n` to be an int >= 0, but got {n!r}")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 32:
-            raise ValueError(f"Expected `size` to be an int >= 32, but got {size!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"Expected `seed` to be an int, but got {seed!r}")
+        check_dataset_shape(n, size, seed)
         self.n, self.size, self.seed = n, size, seed
         self.grade_probs = check_probs("grade_probs", grade_probs, 5)
         self.quality_probs = check_probs("quality_probs", quality_probs, 3)

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from mlcl_losses._seeding import mix_seed
 from mlcl_losses.degrade.xray import degrade_xray, random_xray_kinds
-from mlcl_losses.synthetic._arguments import check_probs, check_severity_ranges
+from mlcl_losses.synthetic._arguments import check_dataset_shape, check_probs, check_severity_ranges
 from mlcl_losses.synthetic._draw import blobs, choice, draw_lines, rand, randn, render_sample, smooth_noise, walk
 
 __all__ = ["CHESTXRAY14_LABELS", "ChestXraySample", "SyntheticChestXray"]
@@ -137,12 +137,7 @@ class SyntheticChestXray:
         quality_probs: Sequence[float] = (0.5, 0.3, 0.2),
         severity_ranges: Sequence[tuple[float, float]] = ((0.0, 0.1), (0.3, 0.55), (0.7, 1.0)),
     ) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"Expected `n` to be an int >= 0, but got {n!r}")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 32:
-            raise ValueError(f"Expected `size` to be an int >= 32, but got {size!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"Expected `seed` to be an int, but got {seed!r}")
+        check_dataset_shape(n, size, seed)
         if not 0.0 <= normal_prob <= 1.0:
             raise ValueError(f"Expected `normal_prob` in [0, 1], but got {normal_prob!r}")
         self.n, self.size, self.seed, self.normal_prob = n, size, seed, float(normal_prob)
@@ -264,6 +259,16 @@ def render_chest_xray(size: int, labels: Tensor, g: torch.Generator) -> tuple[Te
         boxes.append([(cx - hx) * s, (cy - hy) * s, (cx + hx) * s, (cy + hy) * s])
         box_labels.append(label)
 
+    def add_cluster_box(label: int, bx: Tensor, by: Tensor, margin: Tensor) -> None:
+        """Box around blob centres ``(bx, by)`` (normalised), widened by ``margin`` on each side."""
+        add_box(
+            label,
+            float((bx.min() + bx.max()) / 2),
+            float((by.min() + by.max()) / 2),
+            float((bx.max() - bx.min()) / 2 + margin),
+            float((by.max() - by.min()) / 2 + margin),
+        )
+
     def lung_point(side: int, v_low: float, v_high: float) -> tuple[float, float]:
         cx, cy, rx, ry, _ = lung_geo[(side + 1) // 2]
         r = rand(g, 2)
@@ -303,13 +308,7 @@ def render_chest_xray(size: int, labels: Tensor, g: torch.Generator) -> tuple[Te
         by = cy + 0.05 * randn(g, m).clamp(-1.5, 1.5)
         sig = 0.015 + 0.015 * rand(g, m)
         img = img + 0.14 * blobs(s, s, bx * s, by * s, sig * s, sig * s, torch.ones(m)).clamp(max=1)
-        add_box(
-            INF,
-            float((bx.min() + bx.max()) / 2),
-            float((by.min() + by.max()) / 2),
-            float((bx.max() - bx.min()) / 2 + 2 * sig.max()),
-            float((by.max() - by.min()) / 2 + 2 * sig.max()),
-        )
+        add_cluster_box(INF, bx, by, 2 * sig.max())
     for label, (r_lo, r_hi), amp in ((MASS, (0.035, 0.05), 0.3), (NOD, (0.008, 0.014), 0.28)):
         if label in on:
             cx, cy = lung_point(sides[label], 0.22, 0.6)
@@ -336,13 +335,7 @@ def render_chest_xray(size: int, labels: Tensor, g: torch.Generator) -> tuple[Te
             if label == PNA:
                 field = field * (0.75 + 0.25 * smooth_noise(g, (s, s), 40)[0])
             img = img + amp * field.clamp(0, 1) * (0.3 + 0.7 * lungs)
-            add_box(
-                label,
-                float((bx.min() + bx.max()) / 2),
-                float((by.min() + by.max()) / 2),
-                float((bx.max() - bx.min()) / 2 + 1.6 * sig.max()),
-                float((by.max() - by.min()) / 2 + 1.6 * sig.max()),
-            )
+            add_cluster_box(label, bx, by, 1.6 * sig.max())
     if PTX in on:
         side = sides[PTX]
         cx, cy, rx, ry, _ = lung_geo[(side + 1) // 2]
