@@ -27,12 +27,22 @@ from typing import Any
 from examples.common.paired import paired_table
 from examples.common.task import METHOD_LABELS, MultiLabelTask, SingleLabelTask, Task
 
-__all__ = ["collect", "render", "render_section", "repeats_needed", "replace_section"]
+__all__ = [
+    "collect",
+    "epoch_losses",
+    "render",
+    "render_section",
+    "repeats_needed",
+    "replace_section",
+    "run_seconds",
+    "task_of",
+]
 
 SUMMARIES = ("compare.json", "paired.json", "protocol.json", "compare.md")
 
 
-def _task(compare: dict[str, Any]) -> Task:
+def task_of(compare: dict[str, Any]) -> Task:
+    """The task of a ``compare.json``: multi-label (mean AUC) or single-label (kappa)."""
     first = next(iter(compare.values()))
     if "mean_auc" in first:
         return MultiLabelTask(tuple(first.get("per_label_auc", {})) or ("label",))
@@ -66,11 +76,11 @@ def collect(run_dir: str | Path, dest: str | Path) -> Path:
         spent = 0.0
         for seed in result.get("seeds", []):
             run = src / method / f"seed{seed}"
-            spent += _seconds(run / "timing.json")
+            spent += run_seconds(run / "timing.json")
             pre = [p for p in pre_root.glob(f"{method}*/seed{seed}") if p.parent.name.split("_labels")[0] == method]
             for p in pre:
-                spent += _seconds(p / "timing.json")
-                curve = _epoch_losses(p / "scalars.csv")
+                spent += run_seconds(p / "timing.json")
+                curve = epoch_losses(p / "scalars.csv")
                 if curve:
                     losses.setdefault(p.parent.name, {})[f"seed{seed}"] = curve
         timing["per_method"][method] = spent
@@ -80,13 +90,15 @@ def collect(run_dir: str | Path, dest: str | Path) -> Path:
     return out
 
 
-def _seconds(path: Path) -> float:
+def run_seconds(path: Path) -> float:
+    """Seconds summed over a run's ``timing.json`` (0 when it does not exist)."""
     if not path.is_file():
         return 0.0
     return float(sum(v for v in json.loads(path.read_text(encoding="utf-8")).values() if isinstance(v, int | float)))
 
 
-def _epoch_losses(path: Path) -> list[float]:
+def epoch_losses(path: Path) -> list[float]:
+    """Mean pre-training loss per epoch from a run's ``scalars.csv`` ([] when it does not exist)."""
     if not path.is_file():
         return []
     with path.open(encoding="utf-8", newline="") as f:
@@ -197,7 +209,7 @@ def render_section(results_dir: str | Path, rel: str = "results", note: str = ""
         json.loads((src / "protocol.json").read_text(encoding="utf-8")) if (src / "protocol.json").is_file() else {}
     )
     timing = json.loads((src / "timing.json").read_text(encoding="utf-8")) if (src / "timing.json").is_file() else {}
-    task = _task(compare)
+    task = task_of(compare)
     first = next(iter(compare.values()))
     groups = list(first["per_quality"])
     runs = first["runs"]
