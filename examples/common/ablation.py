@@ -98,7 +98,9 @@ def load_variants(path: str | Path) -> dict[str, Variant]:
     if REFERENCE not in variants:
         raise ValueError(f"{p}: expected a {REFERENCE!r} variant (the reference, with `set: []`)")
     if variants[REFERENCE].overrides:
-        raise ValueError(f"{p}: the {REFERENCE!r} variant is the reference and sets nothing, got {variants[REFERENCE].overrides}")
+        raise ValueError(
+            f"{p}: the {REFERENCE!r} variant is the reference and sets nothing, got {variants[REFERENCE].overrides}"
+        )
     seen: dict[tuple[str, ...], str] = {}
     for v in variants.values():
         key = tuple(sorted(v.overrides))
@@ -108,7 +110,9 @@ def load_variants(path: str | Path) -> dict[str, Variant]:
     return {REFERENCE: variants[REFERENCE]} | {k: v for k, v in variants.items() if k != REFERENCE}
 
 
-def _command(train: Path, config: Path, variant: Variant, seed: int, seeds: int, out: Path, sets: Sequence[str]) -> list[str]:
+def _command(
+    train: Path, config: Path, variant: Variant, seed: int, seeds: int, out: Path, sets: Sequence[str]
+) -> list[str]:
     cmd = [sys.executable, str(train), "--config", str(config), "--compare", "--methods", METHOD]
     cmd += ["--seed", str(seed), "--seeds", str(seeds), "--no-probes", "--out", str(out / variant.name), "--resume"]
     for s in [*sets, *variant.overrides]:
@@ -221,7 +225,9 @@ def aggregate(out: Path, variants: dict[str, Variant], reference: Path | None = 
             if not any(k == key or k.startswith(key + ".") for key in v.keys)
         ]
         if stray:
-            raise ValueError(f"variant {v.name!r} ({folder}) differs from the reference in keys it does not set: {stray}")
+            raise ValueError(
+                f"variant {v.name!r} ({folder}) differs from the reference in keys it does not set: {stray}"
+            )
         runs = compare[METHOD]["runs"]
         seconds = 0.0
         for s in compare[METHOD].get("seeds", []):
@@ -255,7 +261,7 @@ def _tables(result: dict[str, Any], groups: Sequence[str], task: Any, paired: di
     title = task.metric_titles.get(h, h)
     head = ["variant", "overrides", "repeats", title, *[f"{title} {g}" for g in groups], "pre-training loss per epoch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, e in result["variants"].items():
+    for e in result["variants"].values():
         per_q = e.get("per_quality") or {}
         cells = [e["label"], ", ".join(f"`{s}`" for s in e["set"]) or "(reference)", str(len(e["seeds"]))]
         cells.append(_f(e["mean"].get(h)))
@@ -280,8 +286,8 @@ def render_section(out: Path, rel: str, note: str = "") -> str:
     seeds = sorted({s for e in variants.values() for s in e["seeds"]})
     total = sum(e["compute_s"] for name, e in variants.items() if name != REFERENCE)
     lines = [
-        f"* Reference: the `comcl` runs of `{Path(result['reference']).name}`; variants: CoMCL with the overrides below, "
-        "every other key as the reference (checked from each run's configuration).",
+        f"* Reference: the `comcl` runs of `{Path(result['reference']).name}`; variants: CoMCL with the "
+        "overrides below, every other key as the reference (checked from each run's configuration).",
         f"* Machine: {result.get('machine') or '?'}; torch threads {result.get('torch_threads') or '?'}"
         + (f"; {note}" if note else "")
         + ".",
@@ -306,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seed", type=int, default=0, help="first training seed")
     r.add_argument("--seeds", type=int, default=5, help="number of repeats")
     r.add_argument("--out", type=Path, required=True)
-    r.add_argument("--reference", type=Path, default=None, help="a finished comparison whose comcl runs are the default")
+    r.add_argument(
+        "--reference", type=Path, default=None, help="a finished comparison whose comcl runs are the default"
+    )
     r.add_argument("--jobs", type=int, default=1, help="variants run at once (one torch thread each is wise)")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     a = sub.add_parser("aggregate", help="aggregate finished variants only")
@@ -332,7 +340,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.seeds < 2:
                 raise ValueError(f"--seeds: expected >= 2 repeats (a paired interval needs two), but got {args.seeds}")
             failed = run_variants(
-                args.pipeline, args.config, variants, args.seed, args.seeds, args.out, args.overrides, args.jobs,
+                args.pipeline,
+                args.config,
+                variants,
+                args.seed,
+                args.seeds,
+                args.out,
+                args.overrides,
+                args.jobs,
                 skip_reference=args.reference is not None,
             )
             if failed:
