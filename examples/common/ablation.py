@@ -59,11 +59,16 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 
 @dataclass(frozen=True)
 class Variant:
-    """One ablation variant: a folder name, a label for tables and its ``--set KEY=VALUE`` overrides."""
+    """One ablation variant: a folder name, a label for tables and its ``--set KEY=VALUE`` overrides.
+
+    ``method`` names a method of the reference comparison whose runs *are* this variant (e.g.
+    ``comcl_no_spl``): nothing is run for it, its repeats are read from the reference.
+    """
 
     name: str
     label: str
     overrides: tuple[str, ...]
+    method: str | None = None
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -89,12 +94,19 @@ def load_variants(path: str | Path) -> dict[str, Variant]:
         where = f"{p}: variant {name!r}"
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ValueError(f"{where}: expected a name of lower-case letters, digits, '_', '.', '-'")
-        if not isinstance(entry, dict) or set(entry) - {"label", "set"} or not isinstance(entry.get("label"), str):
+        if (
+            not isinstance(entry, dict)
+            or set(entry) - {"label", "set", "method"}
+            or not isinstance(entry.get("label"), str)
+        ):
             raise ValueError(f"{where}: expected {{label: str, set: [KEY=VALUE, ...]}}, but got {entry!r}")
         sets = entry.get("set", [])
         if not isinstance(sets, list) or not all(isinstance(s, str) and "=" in s for s in sets):
             raise ValueError(f"{where}: expected `set` to be a list of 'KEY=VALUE' strings, but got {sets!r}")
-        variants[name] = Variant(name, entry["label"], tuple(sets))
+        method = entry.get("method")
+        if method is not None and (not isinstance(method, str) or sets or method == METHOD):
+            raise ValueError(f"{where}: `method` names another method of the reference comparison, without `set`")
+        variants[name] = Variant(name, entry["label"], tuple(sets), method)
     if REFERENCE not in variants:
         raise ValueError(f"{p}: expected a {REFERENCE!r} variant (the reference, with `set: []`)")
     if variants[REFERENCE].overrides:
@@ -103,7 +115,7 @@ def load_variants(path: str | Path) -> dict[str, Variant]:
         )
     seen: dict[tuple[str, ...], str] = {}
     for v in variants.values():
-        key = tuple(sorted(v.overrides))
+        key = (v.method or "", *sorted(v.overrides))
         if key in seen:
             raise ValueError(f"{p}: variants {seen[key]!r} and {v.name!r} set the same overrides {list(key)}")
         seen[key] = v.name
@@ -136,7 +148,7 @@ def run_variants(
     if not train.is_file():
         raise ValueError(f"`pipeline`: expected a folder of examples/ with a train.py, but got {pipeline!r}")
     out.mkdir(parents=True, exist_ok=True)
-    todo = [v for v in variants.values() if not (skip_reference and v.name == REFERENCE)]
+    todo = [v for v in variants.values() if v.method is None and not (skip_reference and v.name == REFERENCE)]
     failed: list[str] = []
 
     def one(i: int, v: Variant) -> None:
@@ -183,9 +195,9 @@ def _read(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return compare, protocol
 
 
-def _pretrain_curves(folder: Path, protocol: dict[str, Any], seeds: Sequence[int]) -> list[float]:
-    """Mean CoMCL pre-training loss per epoch over ``seeds`` (the shortest curve's length)."""
-    root = Path(protocol.get("pretrained", folder / "pretrain")) / METHOD
+def _pretrain_curves(folder: Path, protocol: dict[str, Any], seeds: Sequence[int], method: str) -> list[float]:
+    """Mean pre-training loss per epoch of ``method`` over ``seeds`` (the shortest curve's length)."""
+    root = Path(protocol.get("pretrained", folder / "pretrain")) / method
     curves = [c for c in (epoch_losses(root / f"seed{s}" / "scalars.csv") for s in seeds) if c]
     if not curves:
         return []
@@ -217,8 +229,11 @@ def aggregate(out: Path, variants: dict[str, Variant], reference: Path | None = 
     }
     paired_all: dict[str, Any] = {}
     for v in variants.values():
-        folder = ref_dir if v.name == REFERENCE else out / v.name
-        compare, protocol = (ref_compare, ref_protocol) if v.name == REFERENCE else _read(folder)
+        folder = ref_dir if v.name == REFERENCE or v.method else out / v.name
+        compare, protocol = (ref_compare, ref_protocol) if folder == ref_dir else _read(folder)
+        method = v.method or METHOD
+        if method not in compare:
+            raise ValueError(f"variant {v.name!r}: the reference {ref_dir} has no {method!r} runs")
         stray = [
             k
             for k in config_differences(ref_protocol.get("config", {}), protocol.get("config", {}))
@@ -228,21 +243,24 @@ def aggregate(out: Path, variants: dict[str, Variant], reference: Path | None = 
             raise ValueError(
                 f"variant {v.name!r} ({folder}) differs from the reference in keys it does not set: {stray}"
             )
-        runs = compare[METHOD]["runs"]
+        runs = compare[method]["runs"]
+        seeds = compare[method].get("seeds", [])
         seconds = 0.0
-        for s in compare[METHOD].get("seeds", []):
-            seconds += run_seconds(folder / METHOD / f"seed{s}" / "timing.json")
-            pre = Path(protocol.get("pretrained", folder / "pretrain")) / METHOD / f"seed{s}"
-            seconds += run_seconds(pre / "timing.json")
+        for s in seeds:
+            seconds += run_seconds(folder / method / f"seed{s}" / "timing.json")
+            seconds += run_seconds(
+                Path(protocol.get("pretrained", folder / "pretrain")) / method / f"seed{s}" / "timing.json"
+            )
         entry: dict[str, Any] = {
             "label": v.label,
             "set": list(v.overrides),
-            "seeds": compare[METHOD].get("seeds", []),
+            "method": method,
+            "seeds": seeds,
             "torch_threads": protocol.get("torch_threads"),
             "compute_s": seconds,
-            "mean": {k: compare[METHOD].get(k) for k in task.metrics},
-            "per_quality": compare[METHOD].get("per_quality"),
-            "pretrain_loss": _pretrain_curves(folder, protocol, compare[METHOD].get("seeds", [])),
+            "mean": {k: compare[method].get(k) for k in task.metrics},
+            "per_quality": compare[method].get("per_quality"),
+            "pretrain_loss": _pretrain_curves(folder, protocol, seeds, method),
         }
         if v.name != REFERENCE:
             paired = paired_differences({v.name: runs, REFERENCE: ref_runs}, groups, [(v.name, REFERENCE)], task)
@@ -263,7 +281,10 @@ def _tables(result: dict[str, Any], groups: Sequence[str], task: Any, paired: di
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in result["variants"].values():
         per_q = e.get("per_quality") or {}
-        cells = [e["label"], ", ".join(f"`{s}`" for s in e["set"]) or "(reference)", str(len(e["seeds"]))]
+        given = ", ".join(f"`{s}`" for s in e["set"])
+        if not given:
+            given = "(reference)" if e["method"] == METHOD else f"method `{e['method']}` of the reference"
+        cells = [e["label"], given, str(len(e["seeds"]))]
         cells.append(_f(e["mean"].get(h)))
         cells += [_f((per_q.get(g) or {}).get(h)) for g in groups]
         cells.append(" → ".join(f"{x:.2f}" for x in e["pretrain_loss"]) or "n/a")
@@ -284,15 +305,16 @@ def render_section(out: Path, rel: str, note: str = "") -> str:
     result = json.loads((out / "ablation.json").read_text(encoding="utf-8"))
     variants = result["variants"]
     seeds = sorted({s for e in variants.values() for s in e["seeds"]})
-    total = sum(e["compute_s"] for name, e in variants.items() if name != REFERENCE)
+    total = sum(e["compute_s"] for name, e in variants.items() if name != REFERENCE and e["method"] == METHOD)
     lines = [
         f"* Reference: the `comcl` runs of `{Path(result['reference']).name}`; variants: CoMCL with the "
         "overrides below, every other key as the reference (checked from each run's configuration).",
         f"* Machine: {result.get('machine') or '?'}; torch threads {result.get('torch_threads') or '?'}"
         + (f"; {note}" if note else "")
         + ".",
-        f"* Repeats: seeds {', '.join(map(str, seeds))}; compute {total / 60:.1f} min summed over the variants' runs "
-        "(pre-training, fine-tuning, evaluation).",
+        f"* Repeats: paired by seed (seeds {', '.join(map(str, seeds))} in all; the table gives each variant's "
+        f"count); compute {total / 60:.1f} min summed over the variants' own runs (pre-training, fine-tuning, "
+        "evaluation).",
         "",
         (out / "ablation.md").read_text(encoding="utf-8").rstrip("\n"),
     ]

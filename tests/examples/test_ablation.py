@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from examples.common.ablation import aggregate, config_differences, load_variants, main, render_section
+from examples.common.ablation import (
+    aggregate,
+    config_differences,
+    load_variants,
+    main,
+    render_section,
+    run_variants,
+)
 from scipy import stats
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,6 +150,25 @@ def test_aggregate_pairs_by_seed_with_t_intervals(tmp_path: Path) -> None:
     section = render_section(tmp_path / "abl", "results/ablation")
     assert "seeds 0, 1, 2, 3" in section
     assert "![ablation_kappa.png](results/ablation/ablation_kappa.png)" in section
+
+
+def test_a_method_variant_is_read_from_the_reference(tmp_path: Path) -> None:
+    _comparison(tmp_path / "bench", [_run(0, 0.8, 0.5), _run(1, 0.7, 0.4)], CONFIG, [1.0])
+    compare = json.loads((tmp_path / "bench" / "compare.json").read_text(encoding="utf-8"))
+    compare["comcl_no_spl"] = json.loads(json.dumps(compare["comcl"]))
+    for run, kappa in zip(compare["comcl_no_spl"]["runs"], (0.9, 0.6), strict=True):
+        run["kappa"] = kappa
+    (tmp_path / "bench" / "compare.json").write_text(json.dumps(compare), encoding="utf-8")
+    text = "default: {label: CoMCL}\nspl_off: {label: w/o SPL, method: comcl_no_spl}\n"
+    variants = load_variants(_variants(tmp_path, text))
+    assert run_variants("eyeq", TINY, variants, 0, 2, tmp_path / "abl", skip_reference=True) == []  # nothing to run
+    result = aggregate(tmp_path / "abl", variants, reference=tmp_path / "bench")
+    assert result["variants"]["spl_off"]["paired"]["overall"]["per_repeat"] == pytest.approx([0.1, -0.1])
+    assert "method `comcl_no_spl` of the reference" in (tmp_path / "abl" / "ablation.md").read_text(encoding="utf-8")
+    with pytest.raises(ValueError, match="without `set`"):
+        load_variants(
+            _variants(tmp_path, "default: {label: d}\nx: {label: x, method: comcl_no_spl, set: [pretrain.k=8]}\n")
+        )
 
 
 def test_aggregate_refuses_a_variant_that_differs_in_a_key_it_does_not_set(tmp_path: Path) -> None:
