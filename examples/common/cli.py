@@ -19,7 +19,7 @@ from examples.common.checkpoint import CheckpointError
 from examples.common.compare import COMPARE_METHODS
 from examples.common.config import ConfigError, check, config_to_dict, load_config
 
-__all__ = ["METHOD_CHOICES", "PipelineCLI", "RunConfig", "build_parser", "cached_or_run", "main"]
+__all__ = ["METHOD_CHOICES", "PipelineCLI", "RunConfig", "build_parser", "cached_or_run", "main", "parse_seed_list"]
 
 METHOD_CHOICES = COMPARE_METHODS
 REPO = Path(__file__).resolve().parents[2]
@@ -132,6 +132,13 @@ def build_parser(spec: PipelineCLI) -> argparse.ArgumentParser:
         help="number of repeats (seed, seed+1, ...; each its own data draw); mean ± std and paired differences",
     )
     p.add_argument(
+        "--seed-list",
+        default=None,
+        metavar="SEEDS",
+        help="explicit training seeds instead of --seed/--seeds, comma-separated, with ranges: 0-5,8-13 "
+        "(e.g. to aggregate the finished repeats of comparisons run in parallel, with --resume)",
+    )
+    p.add_argument(
         "--pretrained",
         type=Path,
         default=None,
@@ -148,6 +155,28 @@ def build_parser(spec: PipelineCLI) -> argparse.ArgumentParser:
         spec.add_arguments(p)
     p.add_argument("--stop-after-epochs", type=int, default=None, help=argparse.SUPPRESS)  # tests: interruption
     return p
+
+
+def parse_seed_list(text: str) -> list[int]:
+    """Seeds of ``--seed-list``: comma-separated ints and inclusive ranges ``a-b``, each seed once, in order.
+
+    Examples:
+        >>> parse_seed_list("0-2,8,10-11")
+        [0, 1, 2, 8, 10, 11]
+
+    Raises:
+        ConfigError: an empty list, a part that is not an int >= 0 or a range ``a-b`` with ``a <= b``, or a
+            seed given twice.
+    """
+    seeds: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
+            raise ConfigError(f"--seed-list: expected ints >= 0 and ranges a-b (a <= b), comma-separated, got {text!r}")
+        seeds += range(int(lo), int(hi or lo) + 1)
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seed-list: a seed is given twice in {text!r}")
+    return seeds
 
 
 def main(spec: PipelineCLI, argv: list[str] | None = None) -> int:
@@ -169,6 +198,14 @@ def _main(spec: PipelineCLI, args: argparse.Namespace) -> int:
     cfg = load_config(spec.config_cls, args.config or spec.default_config, overrides)
     if args.seeds < 1:
         raise ConfigError(f"--seeds: expected an int >= 1, got {args.seeds}")
+    if args.seed_list is not None and (args.seed is not None or args.seeds != 1):
+        raise ConfigError("--seed-list replaces --seed and --seeds: give one or the other")
+    args.seed_values = (
+        parse_seed_list(args.seed_list) if args.seed_list is not None else [cfg.run.seed + i for i in range(args.seeds)]
+    )
+    if args.seed_list is not None:
+        args.seeds = len(args.seed_values)
+        cfg.run.seed = args.seed_values[0]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHOD_CHOICES]
     if bad or not methods:
@@ -214,7 +251,7 @@ def _choose_out(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, say: Call
         if not single and (out / "compare.json").is_file():
             summary = json.loads((out / "compare.json").read_text(encoding="utf-8"))
             methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.compare else [cfg.run.method]
-            seeds = [cfg.run.seed + i for i in range(args.seeds)]
+            seeds = args.seed_values
             if all(m in summary and len(summary[m].get("runs", [])) == len(seeds) for m in methods) and all(
                 (out / m / f"seed{s}" / "metrics.json").is_file() for m in methods for s in seeds
             ):
@@ -244,7 +281,9 @@ def _header(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, out: Path) ->
         pass
     sets = f" (+ --set {' --set '.join(args.overrides)})" if args.overrides else ""
     method = f"compare {args.methods}" if args.compare else cfg.run.method
-    seeds = f"{cfg.run.seed}..{cfg.run.seed + args.seeds - 1}" if args.seeds > 1 else str(cfg.run.seed)
+    seeds = ",".join(map(str, args.seed_values)) if args.seed_list is not None else str(cfg.run.seed)
+    if args.seed_list is None and args.seeds > 1:
+        seeds = f"{cfg.run.seed}..{cfg.run.seed + args.seeds - 1}"
     return "\n".join(
         [
             f"{spec.name} pipeline ({spec.prog})",
@@ -366,7 +405,7 @@ def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[st
         return metrics
 
     start = time.perf_counter()
-    seeds = [cfg.run.seed + i for i in range(args.seeds)]
+    seeds = list(args.seed_values)
     meta = {
         "command": " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("train.py") else spec.prog,
         "machine": machine_description(),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from examples.common.cli import parse_seed_list
 from examples.common.config import ConfigError, load_config
 from examples.common.paired import comparison_pairs, paired_differences, paired_table
 from examples.common.protocol import data_draw_seeds, label_groups, labelled_subset, pretrain_identity
@@ -339,3 +340,29 @@ def test_chestxray_labels_only_the_subset(cache_dir: Path) -> None:
     labels = data.views.records.data["pretrain_label"].tolist()
     assert sum(lab < 2 for lab in labels) == len(data.train)  # "any finding" only inside the subset
     assert len({lab for lab in labels if lab >= 2}) == n - len(data.train)
+
+
+# ---------------------------------------------------------------- explicit seed lists
+
+
+def test_parse_seed_list() -> None:
+    assert parse_seed_list("0-2, 8,10-11") == [0, 1, 2, 8, 10, 11]
+    for bad in ("", "a", "3-1", "-2", "1,1", "0-2,2", "1.5"):
+        with pytest.raises(ConfigError, match="--seed-list"):
+            parse_seed_list(bad)
+
+
+def test_seed_list_aggregates_comparisons_run_in_parallel(tmp_path: Path, cache_dir: Path) -> None:
+    out = tmp_path / "cmp"
+    cell = ["--set", "finetune.epochs=1", "--compare", "--methods", "ce,simclr", "--no-probes", "--resume"]
+    for seed in ("0", "2"):  # two invocations into one folder, as two processes would
+        assert _run(out, cache_dir, *cell, "--seed", seed) == 0
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/metrics.json")}
+    assert len(finished) == 4
+    assert _run(out, cache_dir, *cell, "--seed-list", "0,2") == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/metrics.json")} == finished  # nothing rerun
+    compare = json.loads((out / "compare.json").read_text())
+    assert compare["simclr"]["seeds"] == [0, 2]
+    assert json.loads((out / "paired.json").read_text())["simclr - ce"]["seeds"] == [0, 2]
+    assert json.loads((out / "protocol.json").read_text())["seeds_done"] == [0, 2]
+    assert _run(out, cache_dir, *cell, "--seed-list", "0,2", "--seeds", "3") == 2  # one or the other
