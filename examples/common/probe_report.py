@@ -233,13 +233,15 @@ def probe_summary(runs: dict[str, Sequence[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def _cell(d: dict[str, Any], paired: bool) -> str:
-    if not math.isfinite(d["mean"]):
+    """One table cell; a value read back from JSON may be ``null`` (NaN written by ``write_json``)."""
+    mean, low, high, std = (math.nan if d.get(k) is None else float(d[k]) for k in ("mean", "low", "high", "std"))
+    if not math.isfinite(mean):
         return "n/a"
     if paired:
-        if not math.isfinite(d["low"]):
-            return f"{d['mean']:+.3f}"
-        return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
-    return f"{d['mean']:.3f} ± {d['std']:.3f}" if math.isfinite(d["std"]) else f"{d['mean']:.3f}"
+        if not math.isfinite(low):
+            return f"{mean:+.3f}"
+        return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+    return f"{mean:.3f} ± {std:.3f}" if math.isfinite(std) else f"{mean:.3f}"
 
 
 def probe_table(summary: dict[str, Any], labels: dict[str, str] | None = None) -> str:

@@ -38,7 +38,7 @@ __all__ = [
     "task_of",
 ]
 
-SUMMARIES = ("compare.json", "paired.json", "protocol.json", "compare.md")
+SUMMARIES = ("compare.json", "paired.json", "protocol.json", "compare.md", "probes.json")
 
 
 def task_of(compare: dict[str, Any]) -> Task:
@@ -277,6 +277,18 @@ def render_section(results_dir: str | Path, rel: str = "results", note: str = ""
             width = min(len(c) for c in curves)
             means = [sum(c[e] for c in curves) / len(curves) for e in range(width)]
             lines.append(f"* {name}: " + " → ".join(f"{v:.3f}" for v in means) + f" ({len(curves)} repeats)")
+    probes = json.loads((src / "probes.json").read_text(encoding="utf-8")) if (src / "probes.json").is_file() else {}
+    if probes.get("methods"):
+        from examples.common.probe_report import INITIAL_LABEL, probe_table
+
+        lines += [
+            "",
+            "Probes of the frozen pre-trained encoders on the held-out test images (`probes.json`; cross-entropy "
+            "only's row is each repeat's initial encoder), mean ± std over repeats, then paired differences, mean "
+            "[95 % t-interval over repeats]:",
+            "",
+            probe_table(probes, dict(task.method_labels) | {"ce": INITIAL_LABEL}).rstrip("\n"),
+        ]
     pngs = sorted(p.name for p in src.glob("*.png"))
     if pngs:
         lines.append("")

@@ -271,8 +271,20 @@ def test_report_rewrites_only_its_section(tmp_path: Path) -> None:
     assert "| CoMCL (full) − cross-entropy only | 3 | +0.080 [+0.080, +0.080]" in first
     assert "goal ≥ +0.05 with the interval above 0: **met**" in first
     assert "ratio 0.367" in first  # mean drops 0.11 vs 0.30
+    assert "Probes of the frozen" not in first  # a comparison without probes has no probe table
     assert report(args) == 0
     assert md.read_text() == first  # rewriting replaces the section, nothing is appended twice
+    from examples.common.probe_report import probe_summary
+    from examples.common.runlog import write_json
+
+    probed = {
+        m: [{"seed": s, "probes": {"linear_kappa": 0.5 + 0.1 * (m == "comcl") + 0.01 * s}} for s in range(3)]
+        for m in ("ce", "comcl")
+    }
+    write_json(tmp_path / "repo" / "results" / "bench" / "probes.json", probe_summary(probed))
+    assert report(args) == 0
+    assert "| initial encoder (no pre-training) | 3 | 0.510 ± 0.010 |" in md.read_text()
+    assert "| CoMCL (full) − initial encoder (no pre-training) | 3 | +0.100 [+0.100, +0.100] |" in md.read_text()
     assert report(["collect", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
 
 
