@@ -32,6 +32,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -86,7 +87,12 @@ def load_variants(path: str | Path) -> dict[str, Variant]:
             a ``default`` that sets anything, or two variants with the same overrides.
     """
     p = Path(path)
-    raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    if not p.is_file():
+        raise FileNotFoundError(f"--variants: {str(p)!r} is not a file")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ValueError(f"--variants: {p} is not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"{p}: expected a mapping of variant name -> {{label, set}}, but got {type(raw).__name__}")
     variants: dict[str, Variant] = {}
@@ -115,9 +121,9 @@ def load_variants(path: str | Path) -> dict[str, Variant]:
         )
     seen: dict[tuple[str, ...], str] = {}
     for v in variants.values():
-        key = (v.method or "", *sorted(v.overrides))
+        key = (v.method or "", *sorted("=".join(part.strip() for part in o.split("=", 1)) for o in v.overrides))
         if key in seen:
-            raise ValueError(f"{p}: variants {seen[key]!r} and {v.name!r} set the same overrides {list(key)}")
+            raise ValueError(f"{p}: variants {seen[key]!r} and {v.name!r} set the same overrides {list(key[1:])}")
         seen[key] = v.name
     return {REFERENCE: variants[REFERENCE]} | {k: v for k, v in variants.items() if k != REFERENCE}
 
@@ -187,9 +193,15 @@ def _read(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     compare_path = folder / "compare.json"
     if not compare_path.is_file():
         raise FileNotFoundError(f"{compare_path} does not exist: has the variant run?")
-    compare = json.loads(compare_path.read_text(encoding="utf-8"))
-    if METHOD not in compare:
-        raise ValueError(f"{compare_path}: expected a {METHOD!r} entry, but got {sorted(compare)}")
+    try:
+        compare = json.loads(compare_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{compare_path} is not valid JSON ({err})") from None
+    if not isinstance(compare, dict) or METHOD not in compare:
+        raise ValueError(
+            f"{compare_path}: expected a {METHOD!r} entry, but got "
+            f"{sorted(compare) if isinstance(compare, dict) else type(compare).__name__}"
+        )
     protocol_path = folder / "protocol.json"
     protocol = json.loads(protocol_path.read_text(encoding="utf-8")) if protocol_path.is_file() else {}
     return compare, protocol
@@ -352,13 +364,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "render":
             md = Path(args.results_md)
-            rel = Path(args.out).resolve().relative_to(md.resolve().parent).as_posix()
+            if md.exists() and not md.is_file():
+                raise ValueError(f"results_md: {str(md)!r} is not a file")
+            if not (args.out / "ablation.json").is_file():
+                raise FileNotFoundError(f"out: {args.out / 'ablation.json'} does not exist (run `aggregate` first)")
+            rel = Path(os.path.relpath(args.out.resolve(), md.resolve().parent)).as_posix()
             text = md.read_text(encoding="utf-8") if md.is_file() else ""
+            marker = f"<!-- BEGIN generated:{args.name} -->"
             md.write_text(replace_section(text, args.name, render_section(args.out, rel, args.note)), encoding="utf-8")
-            print(f"rewrote section {args.name!r} of {md}")
+            done = "rewrote" if marker in text else "appended (no such section yet)"
+            print(f"{done} section {args.name!r} of {md}")
             return 0
         variants = load_variants(args.variants)
+        # the variants run from the repository root: paths given relative to here must not move
+        args.out = args.out.resolve()
+        if args.reference is not None:
+            args.reference = args.reference.resolve()
+            try:
+                _read(args.reference)
+            except (FileNotFoundError, ValueError) as err:
+                raise ValueError(f"--reference: expected a finished comparison with {METHOD!r} runs: {err}") from None
         if args.command == "run":
+            args.config = args.config.resolve()
+            if not args.config.is_file():
+                raise FileNotFoundError(f"--config: {str(args.config)!r} is not a file")
             if args.seeds < 2:
                 raise ValueError(f"--seeds: expected >= 2 repeats (a paired interval needs two), but got {args.seeds}")
             failed = run_variants(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from examples.common.config import ConfigError, check, config_to_dict, load_conf
 __all__ = ["METHOD_CHOICES", "PipelineCLI", "RunConfig", "build_parser", "cached_or_run", "main", "parse_seed_list"]
 
 METHOD_CHOICES = COMPARE_METHODS
+_DIGITS = re.compile(r"[0-9]+")  # ASCII digits only (str.isdigit admits e.g. "²")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -171,7 +173,7 @@ def parse_seed_list(text: str) -> list[int]:
     seeds: list[int] = []
     for part in (p.strip() for p in text.split(",")):
         lo, _, hi = part.partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
+        if not _DIGITS.fullmatch(lo) or (hi and not _DIGITS.fullmatch(hi)) or (hi and int(hi) < int(lo)):
             raise ConfigError(f"--seed-list: expected ints >= 0 and ranges a-b (a <= b), comma-separated, got {text!r}")
         seeds += range(int(lo), int(hi or lo) + 1)
     if len(set(seeds)) != len(seeds):

@@ -87,6 +87,18 @@ def summary(a: list[dict[str, float]], b: list[dict[str, float]]) -> dict[str, A
     }
 
 
+def _steps(folder: Path) -> list[dict[str, float]]:
+    """The per-step records of a run of this script; ValueError naming the folder when it has none."""
+    path = folder / "steps.json"
+    try:
+        steps = json.loads(path.read_text(encoding="utf-8"))["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"--plot: {path} is not the steps.json of a run of this script") from None
+    if not isinstance(steps, list) or not steps:
+        raise ValueError(f"--plot: {path} holds no steps")
+    return steps
+
+
 def plot(dir_a: Path, dir_b: Path, png: Path) -> dict[str, Any]:
     """Plot two runs' loss per step and their gradient differences; returns :func:`summary`."""
     import matplotlib
@@ -94,8 +106,8 @@ def plot(dir_a: Path, dir_b: Path, png: Path) -> dict[str, Any]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    a = json.loads((dir_a / "steps.json").read_text(encoding="utf-8"))["steps"]
-    b = json.loads((dir_b / "steps.json").read_text(encoding="utf-8"))["steps"]
+    a, b = (_steps(d) for d in (dir_a, dir_b))
+    png.parent.mkdir(parents=True, exist_ok=True)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 5.5), dpi=120, sharex=True)
     for steps, name in ((a, dir_a.name), (b, dir_b.name)):
         top.plot([s["loss"] for s in steps], linewidth=0.8, label=f"{name}: loss that trains")
@@ -121,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     if args.plot is not None:
-        print(json.dumps(plot(args.plot[0], args.plot[1], args.out), indent=1))
+        try:
+            print(json.dumps(plot(args.plot[0], args.plot[1], args.out), indent=1))
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         return 0
     if args.config is None:
         print("error: --config is required to run (or --plot DIR DIR)", file=sys.stderr)
@@ -159,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     finally:
         pretrain.build_criterion = build
+    if rc != 0:
+        return rc  # the pipeline printed why
     steps = twins[-1].steps if twins else []
     (args.out / "steps.json").write_text(
         json.dumps({"argv": sys.argv[1:], "steps": steps}, indent=1) + "\n", encoding="utf-8"

@@ -232,3 +232,48 @@ def test_run_on_the_tiny_configuration(tmp_path: Path, cache_dir: Path, capsys: 
         main(["run", "--pipeline", "nope", "--config", str(TINY), "--variants", str(variants), "--out", str(out)]) == 2
     )
     assert "`pipeline`" in capsys.readouterr().err
+
+
+def test_unreadable_inputs_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="--variants: .* is not valid YAML"):
+        load_variants(_variants(tmp_path, "default: [unclosed\n"))
+    with pytest.raises(FileNotFoundError, match="--variants: .* is not a file"):
+        load_variants(tmp_path)
+    variants = _variants(tmp_path, "default: {label: CoMCL}\nk8: {label: k, set: [pretrain.k = 8]}\n")
+    twins = tmp_path / "twins.yaml"
+    twins.write_text(
+        "default: {label: d}\na: {label: x, set: [pretrain.k=8]}\nb: {label: y, set: ['pretrain.k = 8']}\n"
+    )
+    with pytest.raises(ValueError, match="same overrides"):  # spaces around '=' do not make another variant
+        load_variants(twins)
+    # a reference that is not a comparison is refused before anything runs
+    out = tmp_path / "abl"
+    args = ["run", "--pipeline", "eyeq", "--config", str(TINY), "--variants", str(variants), "--seeds", "2"]
+    assert main([*args, "--out", str(out), "--reference", str(tmp_path / "empty")]) == 2
+    assert "--reference: expected a finished comparison" in capsys.readouterr().err
+    assert not out.exists()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "compare.json").write_text("{oops", encoding="utf-8")
+    assert main([*args, "--out", str(out), "--reference", str(tmp_path / "bad")]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+    assert main([*args[:4], str(tmp_path / "nope.yaml"), *args[5:], "--out", str(out)]) == 2
+    assert "--config" in capsys.readouterr().err
+
+
+def test_render_anywhere_and_say_when_a_section_is_new(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _comparison(tmp_path / "bench", [_run(0, 0.8, 0.5), _run(1, 0.7, 0.4)], CONFIG, [1.0])
+    config = json.loads(json.dumps(CONFIG))
+    config["pretrain"]["k"] = 8
+    _comparison(tmp_path / "abl" / "k8", [_run(0, 0.81, 0.5), _run(1, 0.72, 0.4)], config, [1.0])
+    variants = load_variants(_variants(tmp_path, "default: {label: CoMCL}\nk8: {label: k, set: [pretrain.k=8]}\n"))
+    aggregate(tmp_path / "abl", variants, reference=tmp_path / "bench")
+    md = tmp_path / "docs" / "RESULTS.md"  # not above the ablation's folder
+    md.parent.mkdir()
+    md.write_text("# Results\n", encoding="utf-8")
+    assert main(["render", str(tmp_path / "abl"), str(md), "--name", "ablation"]) == 0
+    assert "appended (no such section yet)" in capsys.readouterr().out
+    assert "![ablation_kappa.png](../abl/ablation_kappa.png)" in md.read_text(encoding="utf-8")
+    assert main(["render", str(tmp_path / "abl"), str(md), "--name", "ablation"]) == 0
+    assert "rewrote section 'ablation'" in capsys.readouterr().out
+    assert main(["render", str(tmp_path / "abl"), str(tmp_path), "--name", "ablation"]) == 2
+    assert main(["render", str(tmp_path / "nothing"), str(md)]) == 2

@@ -33,3 +33,7 @@ def test_fused_and_reference_paths_agree_at_every_step(tmp_path: Path, cache_dir
     assert main(["--plot", str(tmp_path / "fused"), str(tmp_path / "again"), "--out", str(png)]) == 0
     assert png.stat().st_size > 0
     assert main(["--config", str(TINY), "--out", str(tmp_path / "fused")]) == 2  # never overwrites a folder
+    assert main(["--plot", str(tmp_path / "fused"), str(tmp_path / "nothing"), "--out", str(png)]) == 2
+    bad = tmp_path / "bad"  # a failed pipeline run: its error, no traceback, no steps.json
+    assert main(["--config", str(tmp_path / "nope.yaml"), "--out", str(bad)]) == 2
+    assert not (bad / "steps.json").exists()

@@ -359,7 +359,7 @@ def test_chestxray_labels_only_the_subset(cache_dir: Path) -> None:
 
 def test_parse_seed_list() -> None:
     assert parse_seed_list("0-2, 8,10-11") == [0, 1, 2, 8, 10, 11]
-    for bad in ("", "a", "3-1", "-2", "1,1", "0-2,2", "1.5"):
+    for bad in ("", "a", "3-1", "-2", "1,1", "0-2,2", "1.5", "\u00b2", "\u0663"):
         with pytest.raises(ConfigError, match="--seed-list"):
             parse_seed_list(bad)
 
