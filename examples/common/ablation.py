@@ -23,7 +23,8 @@ runs) instead of being run again. Aggregation checks that each variant's configu
 the reference's only in the keys the variant sets (and in run-time settings), so a stray difference
 can not pass as the variant's effect. ``run`` writes ``OUT/ablation.json`` (per variant: label,
 overrides, mean metrics, pre-training loss per epoch, the paired differences with 95 % t-intervals),
-``OUT/ablation.md`` and ``OUT/ablation_kappa.png`` (the headline metric's paired differences).
+``OUT/ablation.md`` and ``OUT/ablation_<headline>.png`` (the paired differences of the task's headline
+metric: ``ablation_kappa.png`` for EyeQ, ``ablation_mean_auc.png`` for ChestX-ray14).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from examples.common import pretrain
-from examples.eyeq.path_divergence import main
+from examples.eyeq.path_divergence import main, plot
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "eyeq" / "configs" / "tiny.yaml"
@@ -32,6 +32,15 @@ def test_fused_and_reference_paths_agree_at_every_step(tmp_path: Path, cache_dir
     png = tmp_path / "divergence.png"
     assert main(["--plot", str(tmp_path / "fused"), str(tmp_path / "again"), "--out", str(png)]) == 0
     assert png.stat().st_size > 0
+    same = plot(tmp_path / "fused", tmp_path / "again", png)
+    assert same["steps"] == len(steps)
+    assert same["first_step_runs_differ_by_0.1pct"] is None
+    assert same["mean_abs_loss_gap_by_tenth"] == [0.0] * 10
+    assert same["max_grad_rel_diff"] == max(s["grad_rel_diff"] for s in steps)
+    drifted = json.loads((tmp_path / "again" / "steps.json").read_text(encoding="utf-8"))
+    drifted["steps"][1]["loss"] *= 1.01  # a run that left the other's trajectory at step 1
+    (tmp_path / "again" / "steps.json").write_text(json.dumps(drifted), encoding="utf-8")
+    assert plot(tmp_path / "fused", tmp_path / "again", png)["first_step_runs_differ_by_0.1pct"] == 1
     assert main(["--config", str(TINY), "--out", str(tmp_path / "fused")]) == 2  # never overwrites a folder
     assert main(["--plot", str(tmp_path / "fused"), str(tmp_path / "nothing"), "--out", str(png)]) == 2
     bad = tmp_path / "bad"  # a failed pipeline run: its error, no traceback, no steps.json
