@@ -884,6 +884,30 @@ def test_normalize_embeddings_extremes() -> None:
     close(out, (x64 / x64.norm(dim=1, keepdim=True)).float(), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_subnormal_row_with_gradient_is_an_error(impl: str, dtype: torch.dtype) -> None:
+    """A row below the dtype's smallest normal number would get an inf gradient (size 1/norm): refused,
+    naming the row; the smallest normal row still trains with a finite gradient; no gradient, no error."""
+    tags = ViewTags(kind=[1, 1, 1, 0, 0, 0], quality=[0, 1, 0, 0, 1, 0], source=[0, 0, 1, 2, 2, 3])
+    tiny = torch.finfo(dtype).tiny
+    base = torch.randn(6, 8, generator=torch.Generator().manual_seed(0)).double()
+    base = base / base.abs().amax(dim=1, keepdim=True)  # largest |entry| 1 in every row
+
+    ok = (base * torch.tensor([1.0, tiny, 1, 1, 1, 1], dtype=torch.float64)[:, None]).to(dtype).requires_grad_()
+    loss, _ = multilevel_info_nce(ok, tags, Level.instance(), impl=impl)
+    (g,) = grad_of(loss, ok)
+    assert torch.isfinite(g).all()
+
+    below = (base * torch.tensor([1.0, 1, 1, tiny / 4, 1, 1], dtype=torch.float64)[:, None]).to(dtype)
+    assert below[3].abs().amax() > 0  # subnormal, not flushed to zero
+    with pytest.raises(ValueError, match=r"smallest normal.*row 3 has .*overflow to inf"):
+        multilevel_info_nce(below.clone().requires_grad_(), tags, Level.instance(), impl=impl)
+    with torch.no_grad():
+        loss, _ = multilevel_info_nce(below.clone().requires_grad_(), tags, Level.instance(), impl=impl)
+    assert torch.isfinite(loss)
+
+
 @pytest.mark.parametrize(
     "options",
     [

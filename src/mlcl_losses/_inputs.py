@@ -41,7 +41,11 @@ def normalize_embeddings(embeddings: Tensor, name: str = "embeddings") -> Tensor
 
     Raises:
         TypeError: if not a floating-point tensor.
-        ValueError: wrong rank, ``D = 0``, NaN/inf, or a zero row.
+        ValueError: wrong rank, ``D = 0``, NaN/inf, a zero row, or, when ``embeddings`` requires a
+            gradient, a row whose largest absolute entry is below the smallest normal number of its
+            dtype (``torch.finfo(dtype).tiny``, 1.2e-38 for float32): the gradient of
+            ``x / ||x||`` is of size ``1 / ||x||`` and would overflow to inf. Without a gradient such rows
+            are normalised as usual.
     """
     if not isinstance(embeddings, Tensor) or not embeddings.dtype.is_floating_point:
         got = embeddings.dtype if isinstance(embeddings, Tensor) else type(embeddings).__name__
@@ -61,6 +65,14 @@ def normalize_embeddings(embeddings: Tensor, name: str = "embeddings") -> Tensor
     if bool((scale == 0).any()):
         row = int((scale[:, 0] == 0).nonzero()[0, 0])
         raise ValueError(f"Expected non-zero rows in `{name}` (cosine similarity is undefined), but row {row} is zero")
+    tiny = torch.finfo(embeddings.dtype).tiny
+    if embeddings.requires_grad and torch.is_grad_enabled() and bool((scale < tiny).any()):
+        row = int((scale[:, 0] < tiny).nonzero()[0, 0])
+        raise ValueError(
+            f"Expected the rows of `{name}` to have a largest absolute entry of at least {tiny:.3g} (the smallest "
+            f"normal {embeddings.dtype}) when a gradient is needed, but row {row} has {float(scale[row, 0]):.3g}: "
+            f"the gradient of the normalised row is of size 1/norm and would overflow to inf"
+        )
     x = x / scale
     return x / x.norm(dim=1, keepdim=True)
 
