@@ -48,6 +48,7 @@ import yaml
 
 from examples.common.paired import paired_differences, paired_table, plot_paired
 from examples.common.results_md import epoch_losses, replace_section, run_seconds, task_of
+from examples.common.yaml_files import safe_load_unique
 
 __all__ = ["Variant", "aggregate", "config_differences", "load_variants", "main", "render_section", "run_variants"]
 
@@ -83,7 +84,7 @@ def load_variants(path: str | Path) -> dict[str, Variant]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: not a mapping, a name that is not a folder-safe lower-case word, an entry without a
+        ValueError: not valid YAML (a variant or key written twice among it), not a mapping, a name that is not a folder-safe lower-case word, an entry without a
             string ``label`` or with ``set`` not a list of ``KEY=VALUE`` strings, no ``default`` entry,
             a ``default`` that sets anything, or two variants with the same overrides.
     """
@@ -91,7 +92,7 @@ def load_variants(path: str | Path) -> dict[str, Variant]:
     if not p.is_file():
         raise FileNotFoundError(f"--variants: {str(p)!r} is not a file")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = safe_load_unique(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ValueError(f"--variants: {p} is not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict) or not raw:

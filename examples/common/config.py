@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from examples.common.yaml_files import safe_load_unique
+
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -430,7 +432,8 @@ def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, overri
         overrides: ``key=value`` strings.
 
     Raises:
-        ConfigError: a missing or unreadable file, invalid YAML, an unknown key or a bad value.
+        ConfigError: a missing or unreadable file, invalid YAML (a key written twice in one mapping
+            among it), an unknown key or a bad value.
     """
     import yaml
 
@@ -442,7 +445,7 @@ def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, overri
                 f"config file {str(p)!r} does not exist" if not p.exists() else f"config {str(p)!r} is not a file"
             )
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = safe_load_unique(p.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"{p}: not valid YAML ({err})") from err
         if loaded is not None and not isinstance(loaded, dict):

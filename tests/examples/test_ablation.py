@@ -237,6 +237,8 @@ def test_run_on_the_tiny_configuration(tmp_path: Path, cache_dir: Path, capsys: 
 def test_unreadable_inputs_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ValueError, match="--variants: .* is not valid YAML"):
         load_variants(_variants(tmp_path, "default: [unclosed\n"))
+    with pytest.raises(ValueError, match="--variants: .* is not valid YAML .key 'k8' appears twice"):
+        load_variants(_variants(tmp_path, "default: {label: C}\nk8: {label: a, set: [pretrain.k=8]}\nk8: {label: b}\n"))
     with pytest.raises(FileNotFoundError, match="--variants: .* is not a file"):
         load_variants(tmp_path)
     variants = _variants(tmp_path, "default: {label: CoMCL}\nk8: {label: k, set: [pretrain.k = 8]}\n")

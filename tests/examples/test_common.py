@@ -24,6 +24,7 @@ from examples.common.config import (
 from examples.common.evaluate import classification_metrics, grouped_metrics
 from examples.common.models import Classifier, build_encoder, momentum_copy, momentum_update
 from examples.common.runlog import RunLogger, write_json
+from examples.common.yaml_files import DuplicateKeyError, safe_load_unique
 
 
 @dataclass
@@ -72,6 +73,8 @@ def test_config_yaml_and_overrides(tmp_path: Path) -> None:
         ("model: [1, 2]\n", [], r"model: expected a mapping"),
         ("- a\n- b\n", [], r"expected a mapping of sections"),
         ("model: {arch: resnet18\n", [], r"not valid YAML"),
+        ("pretrain:\n  epochs: 3\n  lr: 0.1\n  epochs: 30\n", [], r"key 'epochs' appears twice.*lines 2 and 4"),
+        ("pretrain: {epochs: 3}\nmodel: {}\npretrain: {}\n", [], r"not valid YAML.*key 'pretrain' appears twice"),
     ],
     ids=[
         "unknown-key",
@@ -86,6 +89,8 @@ def test_config_yaml_and_overrides(tmp_path: Path) -> None:
         "section-not-mapping",
         "top-not-mapping",
         "malformed-yaml",
+        "duplicate-key",
+        "duplicate-section",
     ],
 )
 def test_config_errors(tmp_path: Path, text: str, overrides: list[str], match: str) -> None:
@@ -93,6 +98,15 @@ def test_config_errors(tmp_path: Path, text: str, overrides: list[str], match: s
     path.write_text(text)
     with pytest.raises(ConfigError, match=match):
         load_config(_Cfg, path, overrides)
+
+
+def test_yaml_duplicate_keys_refused_merge_keys_kept() -> None:
+    with pytest.raises(DuplicateKeyError, match=r"key 'a' appears twice in one mapping \(lines 3 and 4\)"):
+        safe_load_unique("top:\n  - {b: 1}\n  - a: 1\n    a: 2\n")
+    # the same key in different mappings, and a merge key overridden, are plain YAML
+    assert safe_load_unique("x: {a: 1}\ny: {a: 2}\n") == {"x": {"a": 1}, "y": {"a": 2}}
+    assert safe_load_unique("base: &b {a: 1, c: 3}\nx:\n  <<: *b\n  a: 2\n")["x"] == {"a": 2, "c": 3}
+    assert safe_load_unique("") is None
 
 
 def test_config_missing_file(tmp_path: Path) -> None:
