@@ -84,9 +84,10 @@ def load_variants(path: str | Path) -> dict[str, Variant]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: not valid YAML (a variant or key written twice among it), not a mapping, a name that is not a folder-safe lower-case word, an entry without a
-            string ``label`` or with ``set`` not a list of ``KEY=VALUE`` strings, no ``default`` entry,
-            a ``default`` that sets anything, or two variants with the same overrides.
+        ValueError: not valid YAML (a variant or key written twice among it), not a mapping, a name
+            that is not a folder-safe lower-case word, an entry without a string ``label`` or with
+            ``set`` not a list of ``KEY=VALUE`` strings, no ``default`` entry, a ``default`` that sets
+            anything, or two variants with the same overrides.
     """
     p = Path(path)
     if not p.is_file():
@@ -411,6 +412,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: finished repeats are kept in {args.out}; the same command continues (every variant "
+            "runs with --resume)",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

@@ -130,8 +130,9 @@ def build_parser(spec: PipelineCLI) -> argparse.ArgumentParser:
     p.add_argument(
         "--seeds",
         type=int,
-        default=1,
-        help="number of repeats (seed, seed+1, ...; each its own data draw); mean ± std and paired differences",
+        default=None,
+        help="number of repeats (seed, seed+1, ...; each its own data draw; default 1); mean ± std and paired "
+        "differences",
     )
     p.add_argument(
         "--seed-list",
@@ -182,13 +183,24 @@ def parse_seed_list(text: str) -> list[int]:
 
 
 def main(spec: PipelineCLI, argv: list[str] | None = None) -> int:
-    """Parse ``argv`` and run; exit status 2 with a one-line message on a configuration or data error."""
+    """Parse ``argv`` and run; exit status 2 with a one-line message on a configuration or data error,
+    130 with the command that continues the run on Ctrl-C."""
     args = build_parser(spec).parse_args(argv)
     try:
         return _main(spec, args)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "chosen_out", None)
+        where = (
+            f"{out} keeps what finished (a checkpoint after every epoch); to continue, run the same command "
+            f"with --resume --out {out}"
+            if out is not None
+            else "nothing was written"
+        )
+        print(f"\ninterrupted: {where}", file=sys.stderr)
+        return 130
 
 
 def _main(spec: PipelineCLI, args: argparse.Namespace) -> int:
@@ -198,10 +210,11 @@ def _main(spec: PipelineCLI, args: argparse.Namespace) -> int:
     if args.seed is not None:
         overrides.append(f"run.seed={args.seed}")
     cfg = load_config(spec.config_cls, args.config or spec.default_config, overrides)
+    if args.seed_list is not None and (args.seed is not None or args.seeds is not None):
+        raise ConfigError("--seed-list replaces --seed and --seeds: give one or the other")
+    args.seeds = 1 if args.seeds is None else args.seeds
     if args.seeds < 1:
         raise ConfigError(f"--seeds: expected an int >= 1, got {args.seeds}")
-    if args.seed_list is not None and (args.seed is not None or args.seeds != 1):
-        raise ConfigError("--seed-list replaces --seed and --seeds: give one or the other")
     args.seed_values = (
         parse_seed_list(args.seed_list) if args.seed_list is not None else [cfg.run.seed + i for i in range(args.seeds)]
     )
@@ -315,7 +328,7 @@ def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[st
     ddp.barrier()  # every rank has chosen the directory before rank 0 writes into it
     if chosen is None:
         return 0
-    out = chosen
+    out = args.chosen_out = chosen  # named on Ctrl-C, with the command that continues
     say(_header(spec, args, cfg, out))
     if is_main:
         if args.overwrite:

@@ -377,4 +377,5 @@ def test_seed_list_aggregates_comparisons_run_in_parallel(tmp_path: Path, cache_
     assert compare["simclr"]["seeds"] == [0, 2]
     assert json.loads((out / "paired.json").read_text())["simclr - ce"]["seeds"] == [0, 2]
     assert json.loads((out / "protocol.json").read_text())["seeds_done"] == [0, 2]
-    assert _run(out, cache_dir, *cell, "--seed-list", "0,2", "--seeds", "3") == 2  # one or the other
+    for other in (("--seeds", "3"), ("--seeds", "1"), ("--seed", "0")):  # one or the other, even --seeds 1
+        assert _run(out, cache_dir, *cell, "--seed-list", "0,2", *other) == 2

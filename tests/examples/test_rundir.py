@@ -103,6 +103,38 @@ def test_implicit_out_goes_to_a_new_numbered_dir(tmp_path: Path, cache_dir: Path
     assert (tmp_path / "runs" / "eyeq-2" / "metrics.json").is_file()
 
 
+def test_ctrl_c_names_the_folder_and_the_command_that_continues(
+    tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after the first epoch's checkpoint: exit 130, no traceback, the folder actually written
+    (here the numbered one) and ``--resume --out`` that folder, which then finishes the run."""
+    import examples.common.pipeline as pipeline
+
+    base = tmp_path / "runs" / "eyeq"
+    assert _implicit(base, cache_dir, *CE) == 0  # so that the next run goes to eyeq-2
+    saved = pipeline.save_checkpoint
+
+    def save_then_interrupt(*args: object, **kwargs: object) -> None:
+        saved(*args, **kwargs)  # type: ignore[arg-type]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "save_checkpoint", save_then_interrupt)
+    capsys.readouterr()
+    two_epochs = ("--set", "finetune.epochs=2", *CE)
+    assert _implicit(base, cache_dir, *two_epochs) == 130
+    err = capsys.readouterr().err
+    fresh = tmp_path / "runs" / "eyeq-2"
+    assert f"interrupted: {fresh} keeps what finished" in err
+    assert f"--resume --out {fresh}" in err
+    assert "Traceback" not in err
+    assert (fresh / "checkpoint.pt").is_file()
+    assert not (fresh / "metrics.json").exists()
+
+    monkeypatch.setattr(pipeline, "save_checkpoint", saved)
+    assert _implicit(base, cache_dir, *two_epochs, "--resume", "--out", str(fresh)) == 0
+    assert (fresh / "metrics.json").is_file()
+
+
 def test_compare_follows_the_same_rule(tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "cmp"
     sub = out / "ce" / "seed0"
