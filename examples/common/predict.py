@@ -15,7 +15,10 @@ the checkpoint, which is read with ``weights_only=True``.
 Rows: EyeQ: ``image, grade, confidence, p_grade_0 .. p_grade_4`` (``grade`` the most probable DR
 grade, ``confidence`` its probability). ChestX-ray14: ``image``, ``confidence`` and the 14 label
 probabilities (``confidence`` the mean over labels of the probability of the predicted state,
-``max(p, 1 - p)``). Images are resized to the model's input size; no degradation is applied.
+``max(p, 1 - p)``). Both end with ``notes``: empty, or why a score deserves doubt -- ``blank`` (every
+pixel of the model's input has one value) or ``small`` (the file is under a quarter of the model's
+input side and was upscaled); the command also prints how many images were flagged. Images are
+resized to the model's input size; no degradation is applied.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-__all__ = ["IMAGE_SUFFIXES", "collect_images", "main", "predict_rows", "write_rows"]
+__all__ = ["IMAGE_SUFFIXES", "collect_images", "input_notes", "main", "predict_rows", "write_rows"]
 
 #: File suffixes a folder's images are recognised by.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+#: A file whose shorter side is under this fraction of the model's input side is noted as ``small``.
+SMALL_FRACTION = 0.25
 
 
 def collect_images(source: str | Path) -> list[Path]:
@@ -73,6 +78,31 @@ def collect_images(source: str | Path) -> list[Path]:
     return files
 
 
+def input_notes(path: Path, image: Any, size: int) -> str:
+    """Why a score of this input deserves doubt, ``"; "``-separated; ``""`` when nothing was noticed.
+
+    Args:
+        path: the image file (only its header is read again, for the stored size).
+        image: ``(3, size, size)`` float tensor in [0, 1], the model's input made from ``path``.
+        size: the model's input side, pixels.
+
+    Returns:
+        ``"blank: ..."`` when every value of ``image`` is within 1/255 of one another (an empty,
+        black or overexposed file) and ``"small: WxH px upscaled to SxS"`` when the file's shorter
+        side is under :data:`SMALL_FRACTION` of ``size``.
+    """
+    from PIL import Image
+
+    notes = []
+    if float(image.max() - image.min()) < 1 / 255:
+        notes.append("blank: every pixel of the input has one value")
+    with Image.open(path) as img:
+        width, height = img.size
+    if min(width, height) < SMALL_FRACTION * size:
+        notes.append(f"small: {width}x{height} px upscaled to {size}x{size}")
+    return "; ".join(notes)
+
+
 def predict_rows(trained: Any, images: Sequence[Path], batch_size: int = 32) -> list[dict[str, Any]]:
     """One row per image (see the module docstring), in the order of ``images``.
 
@@ -89,8 +119,9 @@ def predict_rows(trained: Any, images: Sequence[Path], batch_size: int = 32) -> 
     rows: list[dict[str, Any]] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        probs = trained.probabilities(torch.stack([trained.load(p) for p in chunk]))
-        for path, p in zip(chunk, probs.tolist(), strict=True):
+        inputs = torch.stack([trained.load(p) for p in chunk])
+        probs = trained.probabilities(inputs)
+        for path, image, p in zip(chunk, inputs, probs.tolist(), strict=True):
             row: dict[str, Any] = {"image": str(path)}
             if trained.multilabel:
                 row["confidence"] = sum(max(x, 1 - x) for x in p) / len(p)
@@ -100,6 +131,7 @@ def predict_rows(trained: Any, images: Sequence[Path], batch_size: int = 32) -> 
                 row["grade"] = grade
                 row["confidence"] = p[grade]
                 row.update({f"p_grade_{name}": x for name, x in zip(trained.class_names, p, strict=True)})
+            row["notes"] = input_notes(path, image, trained.image_size)
             rows.append(row)
     return rows
 
@@ -168,6 +200,11 @@ def _main(args: argparse.Namespace, pipeline: str | None) -> int:
     }
     write_rows(rows, args.out, meta)
     print(f"{len(rows)} image(s) -> {args.out}")
+    flagged = [r for r in rows if r["notes"]]
+    if flagged:
+        shown = "; ".join(f"{Path(r['image']).name} ({r['notes']})" for r in flagged[:3])
+        more = f" and {len(flagged) - 3} more" if len(flagged) > 3 else ""
+        print(f"warning: {len(flagged)} image(s) noted in the `notes` column, their scores deserve doubt: {shown}{more}")
     return 0
 
 

@@ -110,10 +110,34 @@ def test_predict_chestxray_on_a_grayscale_image(chest_run: Path, tmp_path: Path)
     assert len(rows) == 2
     from mlcl_losses.synthetic import CHESTXRAY14_LABELS
 
-    assert list(rows[0]) == ["image", "confidence", *CHESTXRAY14_LABELS]
+    assert list(rows[0]) == ["image", "confidence", *CHESTXRAY14_LABELS, "notes"]
+    assert rows[0]["notes"] == rows[1]["notes"] == ""  # real X-ray details, larger than the input
     for key in CHESTXRAY14_LABELS:
         assert 0.0 < float(rows[0][key]) < 1.0
         assert float(rows[0][key]) == pytest.approx(float(rows[1][key]), abs=1e-5)  # same grey image
+
+
+def test_predict_notes_blank_and_small_images(
+    eyeq_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Scores are still given, but a blank file, a tiny one and both are noted; a real photograph is not."""
+    _, run = eyeq_run
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(skimage_data.retina()).save(folder / "a_retina.png")
+    Image.new("RGB", (3, 3)).save(folder / "b_black_3px.png")  # blank and small
+    Image.new("RGB", (200, 120), (255, 255, 255)).save(folder / "c_white.png")  # blank only
+    Image.fromarray(skimage_data.retina()[::100, ::100]).save(folder / "d_retina_15px.png")  # small only
+    out = tmp_path / "p.csv"
+    assert eyeq_predict([str(run), str(folder), "--out", str(out)]) == 0
+    notes = {Path(r["image"]).name: r["notes"] for r in _read_csv(out)}
+    assert notes["a_retina.png"] == ""
+    assert notes["b_black_3px.png"] == "blank: every pixel of the input has one value; small: 3x3 px upscaled to 64x64"
+    assert notes["c_white.png"] == "blank: every pixel of the input has one value"
+    assert notes["d_retina_15px.png"] == "small: 15x15 px upscaled to 64x64"
+    printed = capsys.readouterr().out
+    assert "warning: 3 image(s) noted in the `notes` column" in printed
+    assert "a_retina.png" not in printed
 
 
 def test_predict_errors(eyeq_run: tuple[Path, Path], chest_run: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
