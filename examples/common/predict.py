@@ -204,7 +204,8 @@ def _main(args: argparse.Namespace, pipeline: str | None) -> int:
     if flagged:
         shown = "; ".join(f"{Path(r['image']).name} ({r['notes']})" for r in flagged[:3])
         more = f" and {len(flagged) - 3} more" if len(flagged) > 3 else ""
-        print(f"warning: {len(flagged)} image(s) noted in the `notes` column, their scores deserve doubt: {shown}{more}")
+        print(f"warning: {len(flagged)} image(s) noted in the `notes` column, their scores deserve doubt: ", end="")
+        print(f"{shown}{more}")
     return 0
 
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from examples.common import ddp
 from examples.common.config import OptimConfig, PretrainConfig
 from examples.common.models import ContrastiveModel, momentum_copy, momentum_update
+from examples.common.protocol import batch_own_labels
 from examples.common.runlog import progress
 from mlcl_losses import Level, MultiLevelContrastiveLoss, PaceSchedule, SelfPacedWeighting, ViewTags, comcl_levels
 from mlcl_losses.tags import Kind, Quality
@@ -208,10 +209,13 @@ def pretrain_epoch(
     gen = torch.Generator().manual_seed(seed)
     sums: dict[str, float] = {}
     count = 0
+    job = ddp.info()
     bar = progress(loader, desc)
     for views, tags in bar:
         if state.method in ("simclr", "supcon"):
             views, tags = two_view_batch(views, tags, augment, gen)
+        if state.method == "supcon":  # images outside the labelled subset: a class of their own per batch
+            tags = batch_own_labels(tags, job.rank, job.world_size)
         views, tags = views.to(device, non_blocking=True), tags.to(device)
         z = state.model(views)
         keys = None

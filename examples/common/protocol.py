@@ -22,9 +22,11 @@ import torch
 
 from examples.common.config import QUALITY_KEYS
 from mlcl_losses.degrade import mix_seed
-from mlcl_losses.tags import MAX_LABEL
+from mlcl_losses.tags import MAX_LABEL, ViewTags
 
 __all__ = [
+    "OWN_LABEL_BASE",
+    "batch_own_labels",
     "data_draw_seeds",
     "label_groups",
     "labelled_subset",
@@ -146,15 +148,65 @@ def label_groups(qualities: Sequence[str] | None) -> list[int] | None:
     return sorted(QUALITY_KEYS.index(q) for q in qualities)
 
 
+#: SupCon labels from here up mean "a class of its own" (images outside the labelled subset); the
+#: classes of the labelled images (grades, findings) lie below.
+OWN_LABEL_BASE = 16
+
+
 def unlabelled_label(num_classes: int, index: int) -> int:
-    """The pre-training label of an image outside the labelled subset: a class of its own (``num_classes + index``).
+    """The pre-training label of an image outside the labelled subset: a class of its own.
 
     SupCon then treats such an image as an instance (its own views are its only positives), so its
-    grade never reaches pre-training. The view tags hold labels up to :data:`mlcl_losses.tags.MAX_LABEL`
-    (8190): beyond it the label wraps, so two unlabelled images that many places apart share one (a
-    positive pair only when both land in the same batch; never for sets of fewer than 8190 images).
+    grade never reaches pre-training. The label is ``OWN_LABEL_BASE + index`` while that fits in the
+    view tags (:data:`mlcl_losses.tags.MAX_LABEL`, 8190) and wraps beyond, so in a set of more than
+    8,175 images two unlabelled images may share one: :func:`batch_own_labels`, applied to every
+    SupCon batch, gives each image of a batch its own label again.
+
+    Raises:
+        ValueError: ``num_classes`` above :data:`OWN_LABEL_BASE`.
     """
-    return num_classes + index % (MAX_LABEL + 1 - num_classes)
+    if not 0 < num_classes <= OWN_LABEL_BASE:
+        raise ValueError(f"Expected `num_classes` in 1..{OWN_LABEL_BASE}, but got {num_classes}")
+    return OWN_LABEL_BASE + index % (MAX_LABEL + 1 - OWN_LABEL_BASE)
+
+
+def batch_own_labels(tags: ViewTags, rank: int = 0, world_size: int = 1) -> ViewTags:
+    """Own-class labels (``>= OWN_LABEL_BASE``) made unique per image within a batch of every process.
+
+    Views keep their label when it is a class (below :data:`OWN_LABEL_BASE`); views of an image
+    outside the labelled subset get ``OWN_LABEL_BASE + rank * cap + j``, ``j`` the image's position
+    among this batch's distinct ``image`` tags and ``cap = (MAX_LABEL + 1 - OWN_LABEL_BASE) //
+    world_size``, so no two images share a label in the batch gathered over processes (as SupCon's
+    loss sees it under DDP), however large the data set.
+
+    Args:
+        tags: ``(N,)`` view tags with ``label`` and ``image``.
+        rank: this process's rank; ``world_size``: the number of processes.
+
+    Returns:
+        The tags with the new labels (the input is not changed).
+
+    Raises:
+        ValueError: tags without ``label`` or ``image``, a bad ``rank``/``world_size``, or more
+            unlabelled images in the batch than ``cap``.
+    """
+    if tags.label is None or tags.image is None:
+        raise ValueError("Expected `tags` with `label` and `image` (SupCon's own-class labels are per image)")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"Expected 0 <= `rank` < `world_size`, but got rank {rank} and world_size {world_size}")
+    own = tags.label >= OWN_LABEL_BASE
+    if not bool(own.any()):
+        return tags
+    cap = (MAX_LABEL + 1 - OWN_LABEL_BASE) // world_size
+    images, position = torch.unique(tags.image[own], return_inverse=True)
+    if len(images) > cap:
+        raise ValueError(
+            f"Expected at most {cap} images outside the labelled subset per batch and process "
+            f"({world_size} processes), but got {len(images)}"
+        )
+    label = tags.label.clone()
+    label[own] = OWN_LABEL_BASE + rank * cap + position
+    return ViewTags(tags.kind, tags.quality, tags.source, label=label, image=tags.image)
 
 
 def pretrain_identity(identity: dict[str, Any], method: str) -> dict[str, Any]:

@@ -13,11 +13,21 @@ import torch
 from examples.common.cli import parse_seed_list
 from examples.common.config import ConfigError, load_config
 from examples.common.paired import comparison_pairs, paired_differences, paired_table
-from examples.common.protocol import data_draw_seeds, label_groups, labelled_subset, pretrain_identity
+from examples.common.protocol import (
+    OWN_LABEL_BASE,
+    batch_own_labels,
+    data_draw_seeds,
+    label_groups,
+    labelled_subset,
+    pretrain_identity,
+    unlabelled_label,
+)
 from examples.eyeq.data import NUM_GRADES, build_data
 from examples.eyeq.train import EyeQConfig, main
 from pipeline_helpers import read_metrics, run_tiny
 from scipy import stats
+
+from mlcl_losses.tags import MAX_LABEL, ViewTags
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "eyeq" / "configs" / "tiny.yaml"
@@ -352,6 +362,46 @@ def test_chestxray_labels_only_the_subset(cache_dir: Path) -> None:
     labels = data.views.records.data["pretrain_label"].tolist()
     assert sum(lab < 2 for lab in labels) == len(data.train)  # "any finding" only inside the subset
     assert len({lab for lab in labels if lab >= 2}) == n - len(data.train)
+
+
+def test_own_labels_unique_per_image_in_every_batch_however_large_the_set() -> None:
+    """Beyond 8,175 images the data's own-class labels wrap; per batch, every image gets its own again."""
+    period = MAX_LABEL + 1 - OWN_LABEL_BASE
+    a, b = 3, 3 + period  # two unlabelled images whose data labels wrapped onto one value
+    assert unlabelled_label(NUM_GRADES, a) == unlabelled_label(NUM_GRADES, b)
+    image = torch.tensor([a, a, b, b, 7, 7, 9, 9])  # two views per image (SupCon's two-view batch)
+    label = torch.tensor([unlabelled_label(5, a)] * 2 + [unlabelled_label(5, b)] * 2 + [2, 2, 2, 2])
+    zeros = torch.zeros(8, dtype=torch.long)
+    tags = ViewTags(zeros, zeros, torch.arange(8), label=label, image=image)
+    out = batch_own_labels(tags)
+    assert out.label is not None
+    assert out.label[4:].tolist() == [2, 2, 2, 2]  # classes of the labelled subset kept
+    assert out.label[0] == out.label[1] != out.label[2] == out.label[3]  # one label per image, no longer shared
+    assert bool((out.label[:4] >= OWN_LABEL_BASE).all())
+    assert tags.label is label  # the input is not changed
+    assert label[0] == label[2]
+    # under DDP every rank's own labels lie in a range of their own
+    ranks = [batch_own_labels(tags, r, 4).label for r in range(4)]
+    own = [set(r[:4].tolist()) for r in ranks if r is not None]
+    assert all(own[i].isdisjoint(own[j]) for i in range(4) for j in range(i + 1, 4))
+    assert max(max(o) for o in own) <= MAX_LABEL
+    # a batch of labelled images only is returned as it is
+    assert batch_own_labels(tags[4:]).equal(tags[4:])
+
+
+def test_own_labels_errors() -> None:
+    zeros = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="`label` and `image`"):
+        batch_own_labels(ViewTags(zeros, zeros, zeros, label=zeros + OWN_LABEL_BASE))
+    tags = ViewTags(zeros, zeros, zeros, label=zeros + OWN_LABEL_BASE, image=torch.arange(2))
+    with pytest.raises(ValueError, match="rank 2 and world_size 2"):
+        batch_own_labels(tags, 2, 2)
+    many = torch.arange(3000)
+    tags = ViewTags(many * 0, many * 0, many, label=many * 0 + OWN_LABEL_BASE, image=many)
+    with pytest.raises(ValueError, match=r"at most 2043 images .*\(4 processes\), but got 3000"):
+        batch_own_labels(tags, 0, 4)
+    with pytest.raises(ValueError, match="`num_classes` in 1..16"):
+        unlabelled_label(17, 0)
 
 
 # ---------------------------------------------------------------- explicit seed lists
