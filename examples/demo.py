@@ -150,7 +150,7 @@ def main() -> None:
                 for k, q in zip(key_encoder.parameters(), encoder.parameters(), strict=True):
                     k.mul_(0.99).add_(q.detach(), alpha=0.01)
             step += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}", **{n: f"{float(s.loss):.2f}" for n, s in stats.items()})
+            bar.set_postfix({"loss": f"{loss.item():.3f}"} | {n: f"{float(s.loss):.2f}" for n, s in stats.items()})
             bar.update()
             if not on_terminal and (step % 25 == 0 or step == args.steps):
                 print(f"step {step}/{args.steps}: loss {loss.item():.3f}", flush=True)

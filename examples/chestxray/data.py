@@ -250,7 +250,7 @@ class _DegradedLoader:
         seed: int,
     ) -> None:
         self.paths, self.qualities, self.size, self.seed = list(paths), list(qualities), size, seed
-        self.degrade = [XrayDegradation(severity=tuple(r), kinds="random") if r[1] > 0 else None for r in ranges]
+        self.degrade = [XrayDegradation(severity=r, kinds="random") if r[1] > 0 else None for r in ranges]
 
     def __call__(self, i: int) -> Tensor:
         image = load_image(self.paths[i], "L", self.size)
@@ -318,13 +318,13 @@ def _real(cfg: Any, seed: int) -> PipelineData:
                 f"e.g. {missing[0]!r}"
             )
     data_seed = cfg.data.synthetic.seed
-    ranges = [tuple(r) for r in rc.severity_ranges]
+    ranges = [(lo, hi) for lo, hi in rc.severity_ranges]  # [low, high] lists in YAML
     train_quality = [image_quality(n, data_seed, rc.quality_probs) for n in train_names]
     labelled = _labelled(cfg, [multi_hot(records[n].labels) for n in train_names], train_quality, seed)
 
     def grading(names: list[str], augment: bool) -> GradingDataset:
         quality = [image_quality(n, data_seed, rc.quality_probs) for n in names]
-        loader = _DegradedLoader([image_dir / n for n in names], quality, cfg.data.image_size, ranges, data_seed)  # type: ignore[arg-type]
+        loader = _DegradedLoader([image_dir / n for n in names], quality, cfg.data.image_size, ranges, data_seed)
         targets = [multi_hot(records[n].labels) for n in names]
         return GradingDataset(loader, targets, quality, augment, seed)  # type: ignore[arg-type]
 
@@ -359,9 +359,7 @@ def _real(cfg: Any, seed: int) -> PipelineData:
     normal = [n for n in train_names if not records[n].labels and not lesions.get(n)][: rc.healthy_images]
     items += [RealViewItem(image_dir / n, [], healthy.get(n) or None, supcon(n, 0)) for n in normal]
     sampler = FourViewSampler(patch_size=cfg.pretrain.patch_size, n_healthy=cfg.pretrain.n_healthy)
-    degradation = _GrayDegradation(
-        XrayDegradation(severity=tuple(cfg.pretrain.degradation_severity), kinds="random")  # type: ignore[arg-type]
-    )
+    degradation = _GrayDegradation(XrayDegradation(severity=tuple(cfg.pretrain.degradation_severity), kinds="random"))
     views: FourViewDataset = EpochFourViewDataset(
         RealViewRecords(items, rc.view_image_size, cfg.pretrain.max_lesions, seed, "L", _rgb),
         sampler,

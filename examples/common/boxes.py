@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "BOXES_FORMAT",
@@ -45,6 +45,7 @@ BOXES_VERSION = 2
 #: versions :func:`read_boxes_json` reads.
 READABLE_BOXES_VERSIONS = (1, 2)
 _GROUPS = ("healthy", "unhealthy")
+T = TypeVar("T")
 
 
 @dataclass
@@ -113,7 +114,19 @@ def _check_entry(value: Any, where: str, scored: bool) -> tuple[Box, float | Non
     return _check_box(value["box"], where), score, label
 
 
-def _check_group(value: Any, where: str, scored: bool = False) -> tuple[dict[str, list[Box]], dict, dict]:
+def _every_or_none(given: list[T | None], at: str, what: str) -> list[T] | None:
+    """``given`` when every box has a ``what``, None when no box has one; a mixture is refused."""
+    present = [g for g in given if g is not None]
+    if not present:
+        return None
+    if len(present) != len(given):
+        raise ValueError(f"{at}: either every box or no box has a {what}, got {given!r}")
+    return present
+
+
+def _check_group(
+    value: Any, where: str, scored: bool = False
+) -> tuple[dict[str, list[Box]], dict[str, list[float]], dict[str, list[str]]]:
     if not isinstance(value, Mapping):
         raise ValueError(f"{where}: expected a mapping {{image: [boxes]}}, got {type(value).__name__}")
     out: dict[str, list[Box]] = {}
@@ -127,12 +140,12 @@ def _check_group(value: Any, where: str, scored: bool = False) -> tuple[dict[str
             raise ValueError(f"{at}: expected a list of boxes, got {boxes!r}")
         entries = [_check_entry(box, f"{at}, box {i}", scored) for i, box in enumerate(boxes)]
         out[image] = [e[0] for e in entries]
-        for column, sink, what in ((1, scores, "score"), (2, labels, "label")):
-            given = [e[column] for e in entries]
-            if any(g is not None for g in given):
-                if any(g is None for g in given):
-                    raise ValueError(f"{at}: either every box or no box has a {what}, got {given!r}")
-                sink[image] = given
+        image_scores = _every_or_none([e[1] for e in entries], at, "score")
+        if image_scores is not None:
+            scores[image] = image_scores
+        image_labels = _every_or_none([e[2] for e in entries], at, "label")
+        if image_labels is not None:
+            labels[image] = image_labels
     return out, scores, labels
 
 

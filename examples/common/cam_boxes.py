@@ -31,10 +31,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from examples.common.models import Classifier
 
 __all__ = [
     "LAYERS",
@@ -201,7 +205,7 @@ def resize_batch(images: Tensor, size: int) -> Tensor:
 
 
 def disease_maps(
-    classifier: nn.Module,
+    classifier: Classifier,
     images: Tensor,
     targets: Sequence[int],
     settings: CamSettings,
@@ -248,7 +252,7 @@ class Proposals:
 
 
 def propose_batch(
-    classifier: nn.Module,
+    classifier: Classifier,
     images: Tensor,
     targets: Sequence[Sequence[int]],
     original_sizes: Sequence[tuple[int, int]],

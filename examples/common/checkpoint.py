@@ -96,7 +96,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_durably(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
+def write_durably(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
     """Write a file atomically and durably: ``write(f)`` into a temporary file, ``fsync``, :func:`os.replace`.
 
     The directory entry is synced too (where the platform allows), so after a crash or power loss

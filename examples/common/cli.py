@@ -7,6 +7,7 @@ and names) and calls :func:`main`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -209,7 +210,7 @@ def _main(spec: PipelineCLI, args: argparse.Namespace) -> int:
         overrides.append(f"run.method={args.method}")
     if args.seed is not None:
         overrides.append(f"run.seed={args.seed}")
-    cfg = load_config(spec.config_cls, args.config or spec.default_config, overrides)
+    cfg: Any = load_config(spec.config_cls, args.config or spec.default_config, overrides)  # the pipeline's class
     if args.seed_list is not None and (args.seed is not None or args.seeds is not None):
         raise ConfigError("--seed-list replaces --seed and --seeds: give one or the other")
     args.seeds = 1 if args.seeds is None else args.seeds
@@ -398,7 +399,7 @@ def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[st
         if args.resume and (d / "metrics.json").is_file():
             return json.loads((d / "metrics.json").read_text(encoding="utf-8"))
         encoder = None if m == "ce" else pretrain(m, s)
-        return cached_or_run(lambda *a: run_one(*a, encoder=encoder), m, s, d, args.resume)
+        return cached_or_run(functools.partial(run_one, encoder=encoder), m, s, d, args.resume)
 
     def cached(m: str, s: int, d: Path) -> dict[str, Any]:
         metrics = finetuned(m, s, d)

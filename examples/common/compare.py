@@ -114,6 +114,7 @@ def plot_groups(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     task = task if task is not None else SingleLabelTask()
     h, plot = task.headline, task.plot
@@ -142,7 +143,7 @@ def plot_groups(
     if plot.ylim is not None:
         ax.set_ylim(*plot.ylim)
     else:
-        low = min([0.0] + [b.get_height() for b in ax.patches])
+        low = min([0.0] + [b.get_height() for b in ax.patches if isinstance(b, Rectangle)])  # the bars
         ax.set_ylim(low - 0.05 if low < 0 else 0.0, 1.3)  # room above the bars for the legend
     ax.legend(fontsize=7, loc="upper center", ncols=3)
     ax.grid(axis="y", alpha=0.3)

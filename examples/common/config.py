@@ -337,7 +337,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         check(isinstance(value, str), key, "a string", value)
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # the class, not an instance
         return from_dict(tp, value, key)
     raise ConfigError(f"{key}: unsupported field type {tp!r}")  # pragma: no cover - a bug in a config class
 
@@ -395,7 +395,7 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any, cls: type) -> None:
             node[part] = value
             return
         sub_cls = _hints(node_cls)[part]
-        if not dataclasses.is_dataclass(sub_cls):
+        if not (isinstance(sub_cls, type) and dataclasses.is_dataclass(sub_cls)):
             raise ConfigError(f"{key}: is a value, not a section; cannot set {dotted!r}")
         child = node.get(part)
         if not isinstance(child, dict):

@@ -152,9 +152,9 @@ def train_detector(
         targets = [{"boxes": im.boxes, "labels": im.labels} for im in batch]
         loss = sum(model(inputs, targets).values())
         optimizer.zero_grad()
-        loss.backward()  # type: ignore[union-attr]
+        loss.backward()
         optimizer.step()
-        losses.append(float(loss.detach()))  # type: ignore[union-attr]
+        losses.append(float(loss.detach()))
     return losses
 
 

@@ -189,5 +189,5 @@ def finetune_epoch(
     return {
         "loss": total / count if count else math.nan,
         "accuracy": correct / max(1, scored),
-        "lr": state.scheduler.get_last_lr()[0],
+        "lr": float(state.scheduler.get_last_lr()[0]),
     }

@@ -62,13 +62,15 @@ class _WidthResNet(ResNet):
             self.conv1 = nn.Conv2d(3, self._stem, kernel_size=7, stride=2, padding=3, bias=False)
             self.bn1 = nn.BatchNorm2d(self._stem)
             nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
-        self.out_dim = self.fc.in_features if width == 1.0 else self._scaled(512) * block.expansion
-        self.fc = nn.Identity()  # type: ignore[assignment]
+        self.out_dim: int = self._scaled(512) * block.expansion  # the input of torchvision's fc (512 at width 1)
+        self.fc = nn.Identity()
 
     def _scaled(self, planes: int) -> int:
         return max(8, round(planes * self._width))
 
-    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):  # type: ignore[no-untyped-def]
+    def _make_layer(
+        self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int = 1, dilate: bool = False
+    ) -> nn.Sequential:
         if self._first_layer:  # the stem's width feeds the first stage
             self.inplanes = self._stem
             self._first_layer = False

@@ -15,7 +15,7 @@ favours the method).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ def _interval(diffs: list[float]) -> tuple[float, float]:
 
 
 def paired_differences(
-    runs: dict[str, Sequence[dict[str, Any]]],
+    runs: Mapping[str, Sequence[dict[str, Any]]],
     groups: Sequence[str],
     pairs: Sequence[tuple[str, str]],
     task: Task | None = None,

@@ -18,11 +18,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from examples.common import ddp
@@ -40,6 +40,7 @@ __all__ = [
     "METHODS",
     "PipelineData",
     "RunOptions",
+    "SizedDataset",
     "encoder_fingerprint",
     "load_encoder",
     "run_fingerprint",
@@ -48,6 +49,14 @@ __all__ = [
 
 METHODS = ("ce", *PRETRAIN_METHODS)
 _STAGES = {"pretrain": 1, "finetune": 2}
+
+
+class SizedDataset(Protocol):
+    """A map-style dataset with a length (``torch.utils.data.Dataset`` declares no ``__len__``)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Any: ...
 
 
 @dataclass
@@ -66,7 +75,7 @@ class PipelineData:
 
     views: Any
     train: Any
-    test: Dataset
+    test: SizedDataset
     num_classes: int
     group_names: Sequence[str]
     probe_views: Any = None

@@ -70,11 +70,11 @@ def collect_images(source: str | Path) -> list[Path]:
     for line, row in enumerate(rows[1:], start=2):
         if len(row) <= column or not row[column].strip():
             raise ValueError(f"INPUT: {p}, line {line}: no image path in column {rows[0][column]!r}")
-        f = Path(row[column].strip()).expanduser()
-        f = f if f.is_absolute() else p.parent / f
-        if not f.is_file():
-            raise FileNotFoundError(f"INPUT: {p}, line {line}: image not found: {f}")
-        files.append(f)
+        image = Path(row[column].strip()).expanduser()
+        image = image if image.is_absolute() else p.parent / image
+        if not image.is_file():
+            raise FileNotFoundError(f"INPUT: {p}, line {line}: image not found: {image}")
+        files.append(image)
     return files
 
 

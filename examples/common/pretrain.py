@@ -242,5 +242,5 @@ def pretrain_epoch(
         count += 1
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     out = {k: v / max(1, count) for k, v in sums.items()}
-    out["lr"] = state.scheduler.get_last_lr()[0]
+    out["lr"] = float(state.scheduler.get_last_lr()[0])  # a Tensor only for a tensor lr
     return out

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +179,7 @@ def _interval(diffs: list[float]) -> tuple[float, float]:
     return float(ci.low), float(ci.high)
 
 
-def probe_summary(runs: dict[str, Sequence[dict[str, Any]]]) -> dict[str, Any]:
+def probe_summary(runs: Mapping[str, Sequence[dict[str, Any]]]) -> dict[str, Any]:
     """Per method the mean, std and per-repeat values of each probe; per pair the paired differences.
 
     Args:
@@ -304,7 +304,7 @@ def plot_probe_pairs(summary: dict[str, Any], path: str | Path, labels: dict[str
     plt.close(fig)
 
 
-def probe_section(runs: dict[str, Sequence[dict[str, Any]]], out: str | Path, labels: dict[str, str]) -> str:
+def probe_section(runs: Mapping[str, Sequence[dict[str, Any]]], out: str | Path, labels: dict[str, str]) -> str:
     """Write ``OUT/probes.json`` (:func:`probe_summary`) and ``OUT/paired_probes.png``; the Markdown section.
 
     Returns ``""`` (and writes nothing) when no run was probed; the plot needs two paired repeats.

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from examples.common.checkpoint import CheckpointError, load_checkpoint
 from examples.common.images import load_image
@@ -45,7 +45,7 @@ class TrainedModel:
         path: the checkpoint file.
     """
 
-    model: nn.Module
+    model: Classifier
     pipeline: str
     image_size: int
     channels: int

@@ -43,7 +43,7 @@ class EpochFourViewDataset(FourViewDataset):
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         if hasattr(self.records, "epoch"):
-            self.records.epoch = epoch  # type: ignore[attr-defined]
+            self.records.epoch = epoch
 
 
 def _same(image: Tensor) -> Tensor:

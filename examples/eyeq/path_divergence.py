@@ -38,12 +38,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from examples.common import pretrain  # noqa: E402
+from mlcl_losses import MultiLevelContrastiveLoss  # noqa: E402
 
 
 class TwinCriterion(nn.Module):
     """The pipeline's criterion (drives training) and its other-path twin, evaluated on the same input."""
 
-    def __init__(self, real: nn.Module, twin: nn.Module) -> None:
+    def __init__(self, real: MultiLevelContrastiveLoss, twin: MultiLevelContrastiveLoss) -> None:
         super().__init__()
         self.real, self.twin = real, twin
         self.steps: list[dict[str, float]] = []
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         twins.append(TwinCriterion(real, build(method, ref_cfg, dim, total_steps, device)))
         return twins[-1]
 
-    pretrain.build_criterion = build_twin  # type: ignore[assignment]
+    pretrain.build_criterion = build_twin  # type: ignore[assignment]  # a stand-in: same calls, not the class
     try:
         sets = [x for s in args.overrides for x in ("--set", s)]
         rc = train_main(

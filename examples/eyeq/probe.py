@@ -64,7 +64,7 @@ def probe_folder(cfg: Any, pretrained: Path, out: Path) -> dict[str, list[dict[s
         )
         for m in PRETRAIN_METHODS
     }
-    runs: dict[str, list[dict[str, Any]]] = {"ce": []} | {m: [] for m in found if found[m]}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in ["ce", *(m for m in found if found[m])]}
     for seed in sorted({s for files in found.values() for s, _ in files}):
         data = build_data(cfg, seed)
         print(f"probing the initial encoder of seed {seed}")

@@ -110,14 +110,14 @@ def measure(
     }
 
 
-def _mean(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def _mean(runs: list[Any]) -> Any:
     """Element-wise mean of nested dicts of numbers (``None`` stays ``None``)."""
     first = runs[0]
     if isinstance(first, dict):
         return {k: _mean([r[k] for r in runs]) for k in first}
     if first is None:
-        return None  # type: ignore[return-value]
-    return sum(runs) / len(runs)  # type: ignore[return-value]
+        return None
+    return sum(runs) / len(runs)
 
 
 def _setting(r: dict[str, Any]) -> str:

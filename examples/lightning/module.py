@@ -123,23 +123,41 @@ class CoMCLModule(L.LightningModule):
             raise RuntimeError("the loss is built in setup(): fit the module with a Trainer first")
         return self._criterion[0]
 
+    @property
+    def index(self) -> HardNegativeIndex:
+        """This process's shard of the hard-negative index (the loss's)."""
+        index = self.criterion.index
+        if index is None:  # the loss is built with one; a narrowing, not an expected path
+            raise RuntimeError("the loss has no hard-negative index")
+        return index
+
+    @property
+    def weighting(self) -> SelfPacedWeighting:
+        """The self-paced weighting shared by the three levels, with the pace."""
+        weighting = self.criterion.weightings["lesion"]  # an nn.ModuleDict: typed as a plain Module
+        if not isinstance(weighting, SelfPacedWeighting):
+            raise RuntimeError(f"the loss's weighting is a {type(weighting).__name__}, not a SelfPacedWeighting")
+        return weighting
+
     def _build_criterion(self, world_size: int) -> MultiLevelContrastiveLoss:
-        hp = self.hparams
-        shard = -(-hp.bank_size // world_size)
-        if hp.k > shard:
+        hp = self.hparams  # read by key: Lightning types it AttributeDict | MutableMapping (no attributes)
+        bank_size: int = hp["bank_size"]
+        k: int = hp["k"]
+        shard = -(-bank_size // world_size)
+        if k > shard:
             raise ValueError(
-                f"`k` ({hp.k}) exceeds each process's bank shard of {shard} "
-                f"(bank_size {hp.bank_size} / {world_size} processes); lower k or raise bank_size"
+                f"`k` ({k}) exceeds each process's bank shard of {shard} "
+                f"(bank_size {bank_size} / {world_size} processes); lower k or raise bank_size"
             )
-        index = HardNegativeIndex(dim=hp.proj_dim, capacity=shard, backend=hp.index_backend)
-        pace = PaceSchedule.quantile(hp.pace_start, hp.pace_end, hp.max_steps)
-        levels = comcl_levels(*hp.level_weights)
+        index = HardNegativeIndex(dim=hp["proj_dim"], capacity=shard, backend=hp["index_backend"])
+        pace = PaceSchedule.quantile(hp["pace_start"], hp["pace_end"], hp["max_steps"])
+        levels = comcl_levels(*hp["level_weights"])
         return MultiLevelContrastiveLoss(
             levels,
-            temperature=hp.temperature,
-            weighting=SelfPacedWeighting(hp.regularizer, pace, target="negatives"),
+            temperature=hp["temperature"],
+            weighting=SelfPacedWeighting(hp["regularizer"], pace, target="negatives"),
             index=index,
-            k=hp.k,
+            k=k,
             gather_distributed=world_size > 1,
         )
 
@@ -194,8 +212,8 @@ class CoMCLModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         """SGD with Nesterov momentum and a per-step cosine schedule over ``max_steps``."""
         hp = self.hparams
-        cfg = OptimConfig(name="sgd", lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        optimizer, scheduler = build_optimizer(self.model.parameters(), cfg, steps_per_epoch=hp.max_steps, epochs=1)
+        cfg = OptimConfig(name="sgd", lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
+        optimizer, scheduler = build_optimizer(self.model.parameters(), cfg, steps_per_epoch=hp["max_steps"], epochs=1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def training_step(self, batch: tuple[Tensor, ViewTags], batch_idx: int) -> Tensor | None:
@@ -210,7 +228,7 @@ class CoMCLModule(L.LightningModule):
         self.log("loss", loss.detach(), prog_bar=True, batch_size=n)
         for name, s in stats.items():
             self.log(f"loss_{name}", s.loss, batch_size=n)
-        self.log("pace", float(next(iter(self.criterion.weightings.values())).schedule.last_lam), batch_size=n)
+        self.log("pace", float(self.weighting.schedule.last_lam), batch_size=n)
         if not loss.requires_grad:  # no level had an anchor with a positive and a negative
             return None
         return loss
@@ -219,11 +237,11 @@ class CoMCLModule(L.LightningModule):
         """The optimiser's step, then the pace and the key encoder: once per optimiser step."""
         super().optimizer_step(*args, **kwargs)
         self.criterion.step()
-        momentum_update(self.key_model, self.model, self.hparams.key_momentum)
+        momentum_update(self.key_model, self.model, self.hparams["key_momentum"])
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Enqueue the batch's keys into this process's index shard, after the step."""
         if self._pending is not None:
             keys, tags = self._pending
-            self.criterion.index.add(keys, tags)
+            self.index.add(keys, tags)
             self._pending = None

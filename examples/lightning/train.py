@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {last}: {err}", file=sys.stderr)
         return 2
     if trainer.is_global_zero:
-        bank = len(module.criterion.index)
-        pace = module.criterion.weightings["lesion"].schedule.step_count
+        bank = len(module.index)
+        pace = module.weighting.schedule.step_count
         print(f"{trainer.global_step} steps; pace at step {pace}; this process's index holds {bank} keys")
         print(f"checkpoint: {last}")
     return 0
