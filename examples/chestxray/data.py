@@ -326,7 +326,7 @@ def _real(cfg: Any, seed: int) -> PipelineData:
         quality = [image_quality(n, data_seed, rc.quality_probs) for n in names]
         loader = _DegradedLoader([image_dir / n for n in names], quality, cfg.data.image_size, ranges, data_seed)
         targets = [multi_hot(records[n].labels) for n in names]
-        return GradingDataset(loader, targets, quality, augment, seed)  # type: ignore[arg-type]
+        return GradingDataset(loader, targets, quality, augment, seed)
 
     train_ds, test_ds = grading(train_names, cfg.finetune.augment).subset(labelled), grading(test_names, False)
     if cfg.run.method == "ce":  # no pre-training: no lesion boxes needed (e.g. the grader of propose_boxes)

@@ -22,9 +22,12 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin
 
 from examples.common.yaml_files import safe_load_unique
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 __all__ = [
     "ConfigError",
@@ -42,7 +45,7 @@ __all__ = [
     "load_config",
 ]
 
-T = TypeVar("T")
+T = TypeVar("T", bound="DataclassInstance")  # a configuration section: a dataclass
 
 
 class ConfigError(ValueError):
@@ -360,7 +363,7 @@ def from_dict(cls: type[T], data: Any, key: str = "") -> T:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping of keys to values, got {data!r}")
     hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for name, value in data.items():
         sub = f"{key}.{name}" if key else str(name)

@@ -206,7 +206,7 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike[str]) -> Non
         raise ValueError(f"--weights: {p} holds a {type(state).__name__}, expected a state_dict")
     state = {k.removeprefix("module."): v for k, v in state.get("state_dict", state).items() if not k.startswith("fc.")}
     try:
-        model.backbone.body.load_state_dict(state, strict=True)  # type: ignore[union-attr]
+        model.get_submodule("backbone.body").load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(f"--weights: {p} does not fit the {type(model).__name__} backbone: {err}") from err
 

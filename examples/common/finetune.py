@@ -39,8 +39,8 @@ class _SubsetLoader:
         return self.load(self.indices[i])
 
 
-class GradingDataset(Dataset[tuple[Tensor, int, int]]):
-    """Images with a class target and a group (e.g. image quality) for fine-tuning and evaluation.
+class GradingDataset(Dataset[tuple[Tensor, int | Tensor, int]]):
+    """Images with a target and a group (e.g. image quality) for fine-tuning and evaluation.
 
     Item ``i`` is ``(image (C, S, S) float in [0, 1], target, group)``. With ``augment`` each image is
     flipped and rotated by a multiple of 90 degrees, drawn from a generator seeded by
@@ -49,7 +49,7 @@ class GradingDataset(Dataset[tuple[Tensor, int, int]]):
 
     Args:
         load: ``i -> (C, S, S)`` float image.
-        targets: class of each image.
+        targets: per image its class (an int) or, multi-label, its ``(C,)`` multi-hot tensor.
         groups: group of each image.
         augment: random flips and 90-degree rotations.
         seed: base of the per-item seeds.
@@ -58,7 +58,7 @@ class GradingDataset(Dataset[tuple[Tensor, int, int]]):
     def __init__(
         self,
         load: Callable[[int], Tensor],
-        targets: Sequence[int],
+        targets: Sequence[int | Tensor],
         groups: Sequence[int],
         augment: bool = False,
         seed: int = 0,
@@ -89,7 +89,7 @@ class GradingDataset(Dataset[tuple[Tensor, int, int]]):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+    def __getitem__(self, i: int) -> tuple[Tensor, int | Tensor, int]:
         image = self.load(i)
         if self.augment:
             g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, i))

@@ -37,6 +37,7 @@ __all__ = [
     "ProjectionHead",
     "arch_problem",
     "build_encoder",
+    "feature_dim",
     "momentum_update",
 ]
 
@@ -202,13 +203,28 @@ class ProjectionHead(nn.Module):
         return self.net(x)
 
 
+def feature_dim(encoder: nn.Module) -> int:
+    """``F``, the width of the ``(B, F)`` features ``encoder`` returns: its ``out_dim`` (:func:`build_encoder` sets it).
+
+    Raises:
+        TypeError: ``encoder`` has no int ``out_dim``.
+    """
+    dim = getattr(encoder, "out_dim", None)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(
+            f"Expected `encoder` to have an int `out_dim` (the width of its pooled features, as the encoders of "
+            f"build_encoder have), but {type(encoder).__name__} has {dim!r}"
+        )
+    return dim
+
+
 class ContrastiveModel(nn.Module):
     """Encoder + projection head; ``forward`` returns L2-normalised ``(B, D)`` embeddings."""
 
     def __init__(self, encoder: nn.Module, proj_hidden: int, proj_dim: int) -> None:
         super().__init__()
         self.encoder = encoder
-        self.head = ProjectionHead(encoder.out_dim, proj_hidden, proj_dim)  # type: ignore[arg-type]
+        self.head = ProjectionHead(feature_dim(encoder), proj_hidden, proj_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, P, P) -> (B, D)``."""
@@ -238,7 +254,7 @@ class Classifier(nn.Module):
     def __init__(self, encoder: nn.Module, num_classes: int) -> None:
         super().__init__()
         self.encoder = encoder
-        self.fc = nn.Linear(encoder.out_dim, num_classes)  # type: ignore[arg-type]
+        self.fc = nn.Linear(feature_dim(encoder), num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits."""

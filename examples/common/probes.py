@@ -35,8 +35,8 @@ from torch.utils.data import DataLoader
 from torchmetrics.functional.retrieval import retrieval_auroc, retrieval_precision
 
 from examples.common.evaluate import classification_metrics
-from examples.common.views import CachedImages, cap_boxes
-from mlcl_losses.index import HardNegativeIndex
+from examples.common.views import CachedImages, RecordSequence, cap_boxes
+from mlcl_losses.index import Backend, HardNegativeIndex
 from mlcl_losses.levels import Select
 from mlcl_losses.tags import Kind, Quality, ViewTags
 from mlcl_losses.views import FourViewDataset, FourViewRecord, FourViews, FourViewSampler, collate_four_views
@@ -88,7 +88,7 @@ def encode_views(
     return torch.cat(feats), ViewTags.cat(tags)
 
 
-class _ProbeRecords(Sequence[FourViewRecord]):
+class _ProbeRecords(RecordSequence):
     """Records of held-out images: the clean image, at most ``max_lesions`` boxes (seeded), no degraded copy."""
 
     def __init__(self, clean: Tensor, boxes: Sequence[Tensor], max_lesions: int, seed: int) -> None:
@@ -97,7 +97,8 @@ class _ProbeRecords(Sequence[FourViewRecord]):
     def __len__(self) -> int:
         return len(self.boxes)
 
-    def __getitem__(self, i: int) -> FourViewRecord:  # type: ignore[override]
+    def record(self, i: int) -> FourViewRecord:
+        """Record ``i``: the clean image and its capped boxes."""
         return FourViewRecord(self.images(i), cap_boxes(self.boxes[i], self.max_lesions, self.seed, 0, i), image_id=i)
 
 
@@ -210,10 +211,10 @@ def _ranked(
     bank_tags: ViewTags,
     exclude_source: Tensor | None,
     exclude_image: Tensor | None,
-    backend: str,
+    backend: Backend,
 ) -> tuple[Tensor, Tensor]:
     """Every bank entry ranked for each query by cosine in a :class:`HardNegativeIndex`: ``(Q, B)`` sims and slots."""
-    index = HardNegativeIndex(dim=bank.shape[1], capacity=bank.shape[0], backend=backend)  # type: ignore[arg-type]
+    index = HardNegativeIndex(dim=bank.shape[1], capacity=bank.shape[0], backend=backend)
     index.add(bank, bank_tags)
     hits = index.search(queries, k=bank.shape[0], exclude_source=exclude_source, exclude_image=exclude_image)
     return hits.similarities, hits.indices
@@ -251,7 +252,7 @@ def _check(features: Tensor, tags: ViewTags) -> None:
         )
 
 
-def artefact_retrieval(features: Tensor, tags: ViewTags, k: int = 10, backend: str = "torch") -> dict[str, Any]:
+def artefact_retrieval(features: Tensor, tags: ViewTags, k: int = 10, backend: Backend = "torch") -> dict[str, Any]:
     """Do degraded healthy patches (V4) find healthy (V3) or lesion (V1) patches as nearest high-quality neighbours?
 
     Queries: every healthy low-quality view (V4). Bank: every high-quality patch once (lesions V1a,
@@ -287,7 +288,7 @@ def artefact_retrieval(features: Tensor, tags: ViewTags, k: int = 10, backend: s
     return out | {"auroc": auroc, "precision_at_k": precision, "n_queries": n}
 
 
-def quality_invariance(features: Tensor, tags: ViewTags, backend: str = "torch") -> dict[str, Any]:
+def quality_invariance(features: Tensor, tags: ViewTags, backend: Backend = "torch") -> dict[str, Any]:
     """Is a low-quality lesion patch (V2) nearest to its own high-quality patch (V1) among all lesions?
 
     Queries: every lesion low-quality view (V2). Bank: the high-quality lesion views (V1), one per

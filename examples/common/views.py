@@ -6,9 +6,10 @@ The synthetic sets themselves are rendered and cached by :mod:`examples.common.s
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import torch
 from torch import Tensor
@@ -23,6 +24,7 @@ __all__ = [
     "EpochFourViewDataset",
     "RealViewItem",
     "RealViewRecords",
+    "RecordSequence",
     "SyntheticViewRecords",
     "cap_boxes",
 ]
@@ -60,7 +62,33 @@ class CachedImages:
         return self.to_rgb(self.images[i].float() / 255.0)
 
 
-class SyntheticViewRecords(Sequence[FourViewRecord]):
+class RecordSequence(Sequence[FourViewRecord]):
+    """Four-view records made on access by :meth:`record`: an int index as a list's, a slice gives a list.
+
+    A negative index names the same record as its positive counterpart (the same ``image_id`` and
+    box subset); an index outside ``[-len, len)`` raises :class:`IndexError`.
+    """
+
+    @abstractmethod
+    def record(self, i: int) -> FourViewRecord:
+        """Record ``i``, ``0 <= i < len(self)``."""
+
+    @overload
+    def __getitem__(self, i: int) -> FourViewRecord: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[FourViewRecord]: ...
+
+    def __getitem__(self, i: int | slice) -> FourViewRecord | list[FourViewRecord]:
+        n = len(self)
+        if isinstance(i, slice):
+            return [self.record(j) for j in range(*i.indices(n))]
+        if not -n <= i < n:
+            raise IndexError(f"record index {i} out of range for {n} records")
+        return self.record(i % n)
+
+
+class SyntheticViewRecords(RecordSequence):
     """Four-view records over a rendered synthetic set; epoch-dependent lesion subset and degraded copy.
 
     Args:
@@ -88,7 +116,8 @@ class SyntheticViewRecords(Sequence[FourViewRecord]):
     def __len__(self) -> int:
         return int(self.data["clean"].shape[0])
 
-    def __getitem__(self, i: int) -> FourViewRecord:  # type: ignore[override]
+    def record(self, i: int) -> FourViewRecord:
+        """Record ``i`` (made now: its image, this epoch's boxes and degraded copy)."""
         copies = self.data["view_degraded"]
         return FourViewRecord(
             image=self.to_rgb(self.data["clean"][i].float() / 255.0),
@@ -118,7 +147,7 @@ class RealViewItem(NamedTuple):
     quality: int | None = None
 
 
-class RealViewRecords(Sequence[FourViewRecord]):
+class RealViewRecords(RecordSequence):
     """Four-view records over real images: resized to ``size`` on access, boxes scaled alike.
 
     Args:
@@ -145,7 +174,8 @@ class RealViewRecords(Sequence[FourViewRecord]):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> FourViewRecord:  # type: ignore[override]
+    def record(self, i: int) -> FourViewRecord:
+        """Record ``i`` (read now: the file resized, its boxes scaled and capped for this epoch)."""
         from PIL import Image
 
         item = self.items[i]

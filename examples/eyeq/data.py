@@ -94,6 +94,9 @@ class RealEyeQConfig:
         for name in ("limit_train", "limit_test"):
             v = getattr(self, name)
             check(v is None or v >= 1, f"{key}.{name}", "null or an int >= 1", v)
+        for name in ("boxes_json", "boxes_pickle"):
+            v = getattr(self, name)
+            check(v is None or v.strip() != "", f"{key}.{name}", "null or a file path", v)
 
 
 @dataclass
@@ -221,11 +224,7 @@ class _ImageLoader:
 
 def load_boxes(cfg: RealEyeQConfig, root: Path | None, allow_pickle: bool) -> dict[str, SplitBoxes]:
     """The lesion boxes: from ``boxes_json``, or converted from ``boxes_pickle`` (needs ``allow_pickle``)."""
-    if cfg.boxes_json is None and cfg.boxes_pickle is None:
-        raise ConfigError(
-            "data.eyeq.boxes_json: the real-data pipeline needs lesion boxes (a JSON file, or boxes_pickle)"
-        )
-    json_path = _path(root, cfg.boxes_json) if cfg.boxes_json else None
+    json_path = None if cfg.boxes_json is None else _path(root, cfg.boxes_json)
     if cfg.boxes_pickle is not None and (json_path is None or not json_path.exists()):
         if not allow_pickle:
             raise ConfigError(
@@ -235,7 +234,11 @@ def load_boxes(cfg: RealEyeQConfig, root: Path | None, allow_pickle: bool) -> di
         pkl = _path(root, cfg.boxes_pickle)
         json_path = json_path or pkl.with_suffix(".json")
         return convert_pickle_boxes(pkl, json_path, allow_pickle=True)
-    return read_boxes_json(json_path)  # type: ignore[arg-type]  # set above when boxes_pickle is None
+    if json_path is None:
+        raise ConfigError(
+            "data.eyeq.boxes_json: the real-data pipeline needs lesion boxes (a JSON file, or boxes_pickle)"
+        )
+    return read_boxes_json(json_path)
 
 
 def _real(cfg: Any, seed: int, allow_pickle: bool) -> PipelineData:

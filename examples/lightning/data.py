@@ -34,10 +34,22 @@ class FourViewEpochSampler(DistributedSampler):
     views (patch positions, augmentations, degradations).
     """
 
+    def __init__(
+        self,
+        dataset: FourViewDataset,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.views = dataset  # the sampler's `dataset`, typed: DistributedSampler holds it as a plain Dataset
+
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch of the permutation and of the views."""
         super().set_epoch(epoch)
-        self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+        self.views.set_epoch(epoch)
 
 
 class SyntheticFourViewData(L.LightningDataModule):

@@ -22,7 +22,14 @@ from examples.common.config import (
     load_config,
 )
 from examples.common.evaluate import classification_metrics, grouped_metrics
-from examples.common.models import Classifier, build_encoder, momentum_copy, momentum_update
+from examples.common.models import (
+    Classifier,
+    ContrastiveModel,
+    build_encoder,
+    feature_dim,
+    momentum_copy,
+    momentum_update,
+)
 from examples.common.runlog import RunLogger, write_json
 from examples.common.yaml_files import DuplicateKeyError, safe_load_unique
 
@@ -221,6 +228,21 @@ def test_encoder_width(arch: str, width: float, dim: int) -> None:
     enc = build_encoder(arch, width)
     assert enc.out_dim == dim
     assert enc(torch.rand(2, 3, 32, 32)).shape == (2, dim)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_full_width_out_dim_is_torchvisions_fc_input(arch: str) -> None:
+    import torchvision
+
+    assert build_encoder(arch, 1.0).out_dim == getattr(torchvision.models, arch)().fc.in_features
+
+
+def test_feature_dim_needs_an_int_out_dim() -> None:
+    assert feature_dim(build_encoder("resnet18", 0.25)) == 128
+    with pytest.raises(TypeError, match=r"Expected `encoder` to have an int `out_dim`.*Linear has None"):
+        ContrastiveModel(torch.nn.Linear(4, 4), proj_hidden=8, proj_dim=4)
+    with pytest.raises(TypeError, match=r"`out_dim`.*Linear has None"):
+        Classifier(torch.nn.Linear(4, 4), 3)
 
 
 def test_encoder_weights_file(tmp_path: Path) -> None:

@@ -203,6 +203,16 @@ def test_real_eyeq_missing_image(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "are not in" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("setting", ["boxes_json=''", "boxes_pickle=' '"], ids=["empty-json", "blank-pickle"])
+def test_real_eyeq_empty_box_path(tmp_path: Path, setting: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty box path is a configuration error naming the key (it reached read_boxes_json(None))."""
+    root = tmp_path / "EyeQ"
+    _fixture_eyeq(root)
+    assert main(_real_run(tmp_path, root, setting)) == 2
+    key = setting.split("=")[0]
+    assert f"data.eyeq.{key}: expected null or a file path" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["default", "tiny", "real_gpu", "real_cpu"])
 def test_shipped_configs_load(name: str) -> None:
     from examples.common.config import load_config
