@@ -134,6 +134,12 @@ class RealChestXrayConfig:
         for name in ("limit_train", "limit_test"):
             v = getattr(self, name)
             check(v is None or v >= 1, f"{key}.{name}", "null or an int >= 1", v)
+        for name in ("data_entry", "train_list", "test_list", "images"):
+            v = getattr(self, name)
+            check(v.strip() != "", f"{key}.{name}", "a file or folder path", v)
+        for name in ("bbox_list", "boxes_json"):
+            v = getattr(self, name)
+            check(v is None or v.strip() != "", f"{key}.{name}", "null or a file path", v)
 
 
 @dataclass

@@ -300,6 +300,24 @@ def test_shipped_configs_load(name: str) -> None:
         assert cfg.data.image_size <= 128
 
 
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("boxes_json=''", "null or a file path"),
+        ("bbox_list=' '", "null or a file path"),
+        ("data_entry=''", "a file or folder path"),
+        ("images=''", "a file or folder path"),
+    ],
+)
+def test_empty_real_data_paths_are_config_errors(setting: str, expected: str) -> None:
+    from examples.chestxray.train import ChestXrayConfig
+    from examples.common.config import ConfigError, load_config
+
+    key = setting.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"data\.chestxray14\.{key}: expected {expected}"):
+        load_config(ChestXrayConfig, None, [f"data.chestxray14.{setting}"])
+
+
 def test_synthetic_source_with_a_real_root_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from examples.chestxray.train import main as chest_main
 
