@@ -222,6 +222,39 @@ def test_add_refuses_all_zero_rows(normalize: bool) -> None:
     assert len(index) == 0  # nothing was written
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1e-20, 1e20, 1e-40], ids=["tiny", "huge", "subnormal"])
+def test_normalize_handles_tiny_and_huge_rows(backend: str, scale: float) -> None:
+    gen = torch.Generator().manual_seed(3)
+    v = torch.randn(6, 8, generator=gen)
+    index = HardNegativeIndex(8, 16, backend=backend)
+    index.add(v * scale, ViewTags([0] * 6, [0] * 6, list(range(6))))
+    unit = torch.nn.functional.normalize(v.double(), dim=1)
+    expected = (unit[:2] @ unit.T).topk(3, dim=1)
+    for queries in (v[:2], v[:2] * scale):  # either scale of the query: cosine, not dot product
+        result = index.search(queries, 3)
+        assert result.indices.tolist() == expected.indices.tolist()
+        torch.testing.assert_close(result.similarities.double(), expected.values, atol=1e-5, rtol=0)
+        assert result.similarities[:, 0].tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalize", "raw"])
+def test_search_refuses_all_zero_queries(normalize: bool) -> None:
+    index = HardNegativeIndex(3, 8, backend="torch", normalize=normalize)
+    index.add(torch.eye(3), ViewTags([0] * 3, [0] * 3, [0, 1, 2]))
+    with pytest.raises(ValueError, match=r"`queries` rows with a non-zero norm.*row 1 is all zeros"):
+        index.search(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), 1)
+    with pytest.raises(ValueError, match=r"`queries`.*row 0 is all zeros"):
+        HardNegativeIndex(3, 8, backend="torch", normalize=normalize).search(torch.zeros(1, 3), 1)  # empty bank too
+
+
+def test_raw_half_bank_refuses_entries_it_cannot_hold() -> None:
+    index = HardNegativeIndex(2, 4, backend="torch", dtype=torch.float16, normalize=False)
+    with pytest.raises(ValueError, match=r"`embeddings` entries within \+-6\.55e\+04.*float16.*row 1 exceeds"):
+        index.add(torch.tensor([[1.0, 0.0], [1e5, 1.0]]), ViewTags([0, 0], [0, 0], [0, 1]))
+    assert len(index) == 0
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 
@@ -278,6 +311,8 @@ def test_bad_input_raises(call, error: type[Exception], match: str) -> None:
         ({"dim": 4, "capacity": 3, "nprobe": True}, TypeError, "`nprobe` to be an int, but got bool"),
         ({"dim": 4, "capacity": 3, "nprobe": 0}, ValueError, "`nprobe` > 0"),
         ({"dim": 4, "capacity": 3, "normalize": "no"}, TypeError, "`normalize` to be a bool, but got str"),
+        ({"dim": 4, "capacity": 3, "backend": "faiss", "ivf_nlist": True}, TypeError, "`ivf_nlist`.*got True"),
+        ({"dim": 4, "capacity": 3, "backend": "faiss", "ivf_nlist": 0}, ValueError, "`ivf_nlist`.*got 0"),
     ],
     ids=[
         "dim",
@@ -291,6 +326,8 @@ def test_bad_input_raises(call, error: type[Exception], match: str) -> None:
         "nprobe-bool",
         "nprobe",
         "normalize-str",
+        "ivf-bool",
+        "ivf-zero",
     ],
 )
 def test_bad_construction_raises(kwargs, error: type[Exception], match: str) -> None:

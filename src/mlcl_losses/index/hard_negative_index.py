@@ -15,6 +15,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from mlcl_losses.functional import normalize_embeddings
 from mlcl_losses.index.backend import pad_hits
 from mlcl_losses.index.faiss_backend import FaissBackend, faiss_available, faiss_gpu_available
 from mlcl_losses.index.filters import build_filter, negatives_predicate
@@ -113,7 +114,9 @@ class HardNegativeIndex(nn.Module):
             raise ValueError(f"Expected `backend` in {_BACKENDS}, but got {backend!r}")
         if dtype not in _DTYPES:
             raise ValueError(f"Expected `dtype` in {[str(d) for d in _DTYPES]}, but got {dtype}")
-        if ivf_nlist is not None and (not isinstance(ivf_nlist, int) or ivf_nlist <= 0):
+        if ivf_nlist is not None and (isinstance(ivf_nlist, bool) or not isinstance(ivf_nlist, int)):
+            raise TypeError(f"Expected `ivf_nlist` to be a positive int or None, but got {ivf_nlist!r}")
+        if ivf_nlist is not None and ivf_nlist <= 0:
             raise ValueError(f"Expected `ivf_nlist` to be a positive int or None, but got {ivf_nlist!r}")
         if ivf_nlist is not None and backend != "faiss":
             raise ValueError(f"`ivf_nlist` needs backend='faiss', but got backend={backend!r}")
@@ -215,8 +218,22 @@ class HardNegativeIndex(nn.Module):
             bad = int((~torch.isfinite(x)).any(dim=1).nonzero()[0, 0])
             raise ValueError(f"Expected finite `{name}`, but row {bad} holds NaN or inf")
         x = x.detach().to(self.embeddings.device)
+        zero = (x == 0).all(dim=1)
+        if x.shape[0] and bool(zero.any()):
+            raise ValueError(
+                f"Expected `{name}` rows with a non-zero norm (a {'bank entry' if name == 'embeddings' else 'query'} "
+                f"needs a direction), but row {int(zero.nonzero()[0, 0])} is all zeros"
+            )
         if self.normalize:
-            x = nn.functional.normalize(x.float(), dim=1)
+            # divides each row by its largest |entry| first: tiny and huge rows are normalised too
+            return normalize_embeddings(x, name).float()
+        limit = torch.finfo(self.embeddings.dtype).max
+        if name == "embeddings" and x.numel() and bool((x.abs() > limit).any()):
+            bad = int((x.abs() > limit).any(dim=1).nonzero()[0, 0])
+            raise ValueError(
+                f"Expected `{name}` entries within +-{limit:.4g} (the range of the bank's dtype "
+                f"{self.embeddings.dtype}; normalize=False stores them as given), but row {bad} exceeds it"
+            )
         return x
 
     def _check_exclude(self, name: str, value: Tensor | None, n: int) -> Tensor | None:
@@ -238,7 +255,8 @@ class HardNegativeIndex(nn.Module):
         """Write a batch into the ring buffer, overwriting the oldest entries once full.
 
         Args:
-            embeddings: ``(B, D)`` float, finite; L2-normalised here when ``normalize=True``.
+            embeddings: ``(B, D)`` float, finite; L2-normalised here when ``normalize=True`` (each
+                row first divided by its largest absolute entry, so tiny and huge rows are normalised too).
                 Detached and cast to the buffer's dtype and device.
             tags: ``(B,)`` tags of the batch. ``label`` / ``image`` must be present in every
                 batch or in none (fixed by the first add after construction or :meth:`reset`).
@@ -248,19 +266,14 @@ class HardNegativeIndex(nn.Module):
         Raises:
             TypeError: ``embeddings`` not a float tensor, or ``tags`` not a :class:`~mlcl_losses.tags.ViewTags`.
             ValueError: a shape that is not ``(B, D)``, a row with NaN or inf, an all-zero row (it has
-                no direction: no cosine similarity is defined for it), tags of another length, or
-                optional tags other than the bank's.
+                no direction: no cosine similarity is defined for it), with ``normalize=False`` an entry
+                outside the range of the bank's dtype, tags of another length, or optional tags other
+                than the bank's.
         """
         if not isinstance(tags, ViewTags):
             raise TypeError(f"Expected `tags` to be a ViewTags, but got {type(tags).__name__}")
         x = self._check_vectors("embeddings", embeddings)
         b = x.shape[0]
-        zero = (x == 0).all(dim=1)
-        if b and bool(zero.any()):
-            raise ValueError(
-                "Expected `embeddings` rows with a non-zero norm (a bank entry needs a direction), "
-                f"but row {int(zero.nonzero()[0, 0])} is all zeros"
-            )
         if tags.shape != (b,):
             raise ValueError(
                 f"`embeddings` and `tags` must have the same length, got {b} and shape {tuple(tags.shape)}"
@@ -377,7 +390,9 @@ class HardNegativeIndex(nn.Module):
         """The ``k`` most similar allowed entries for each query, best first.
 
         Args:
-            queries: ``(N, D)`` float, finite; L2-normalised here when ``normalize=True``.
+            queries: ``(N, D)`` float, finite, no all-zero row; L2-normalised here when
+                ``normalize=True`` (each row is first divided by its largest absolute entry, so
+                tiny and huge rows get their cosine similarities too).
             k: hits per query, ``1 <= k <= capacity``.
             negatives: which entries may be returned: a :class:`~mlcl_losses.levels.Select`, a
                 :class:`~mlcl_losses.levels.Level` (its ``negatives`` selector; nothing at all
@@ -390,6 +405,13 @@ class HardNegativeIndex(nn.Module):
         Returns:
             :class:`SearchResult` with ``(N, k)`` float32 similarities, int64 slot indices and
             tags; rows with fewer than ``k`` allowed entries are padded with ``-inf`` / ``-1``.
+
+        Raises:
+            TypeError: ``queries`` not a float tensor, ``k`` not an int, an ``exclude_*`` not an
+                integer tensor, or ``negatives`` of another type.
+            ValueError: ``queries`` not ``(N, D)``, a row with NaN or inf or all zeros (no direction),
+                ``k`` outside ``[1, capacity]``, an ``exclude_*`` of another length, or an
+                ``exclude_image`` / ``exclude_label`` the bank has no tags for.
         """
         q = self._check_vectors("queries", queries)
         n = q.shape[0]
