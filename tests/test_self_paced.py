@@ -424,6 +424,35 @@ def test_self_paced_reducer_needs_anchor_target():
         SelfPacedReducer(SelfPacedWeighting("hard"))
 
 
+@pytest.mark.parametrize("reg", REGULARIZERS)
+@pytest.mark.parametrize("lam", [1e-300, 1e-46, 5e-324, 1e300], ids=["1e-300", "1e-46", "min-subnormal", "1e300"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+def test_pace_outside_the_dtype_range_is_exact(reg, lam, dtype):
+    h = torch.tensor([0.0, 1e-30, 0.5, 1.0, INF]).to(dtype)
+    w = self_paced_weights(h, lam, reg)
+    expected = _weights(h.double(), lam, reg).to(dtype)  # float64 holds every pace here
+    assert w.dtype == dtype
+    assert not bool(torch.isnan(w).any())
+    assert_close(w, expected, atol=0, rtol=0)
+    assert w[0] == 1.0  # h = 0 is always admitted (the mixture regulariser too)
+    assert w[-1] == 0.0
+    assert bool((w[1:4] == 1.0).all()) if lam > 1 else bool((w[2:] == 0.0).all())
+
+
+@pytest.mark.parametrize("reg", REGULARIZERS)
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_loss_with_a_pace_below_float32_is_finite(reg, impl):
+    z, tags = _comcl_batch()
+    z = z.clone().requires_grad_(True)
+    loss = MultiLevelContrastiveLoss(weighting=SelfPacedWeighting(reg, PaceSchedule.constant(1e-46)), impl=impl)
+    value, _ = loss(z, tags)
+    value.backward()
+    assert bool(torch.isfinite(value))
+    assert bool(torch.isfinite(z.grad).all())
+    h = (normalize_embeddings(z.detach()) @ normalize_embeddings(z.detach()).T).clamp(0, 1)
+    assert bool((self_paced_weights(h, 1e-46, reg)[h > 0] == 0).all())  # only h = 0 would be admitted
+
+
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("lam", [0.0, -0.5, float("nan"), -INF])
 def test_bad_pace_raises(lam):

@@ -29,7 +29,9 @@ def self_paced_weights(
     Args:
         hardness: any shape, float, already clamped to the hardness domain (``h >= 0``);
             ``±inf`` allowed, NaN is not.
-        lam: the pace :math:`\lambda > 0` (``inf`` admits everything).
+        lam: the pace :math:`\lambda > 0` (``inf`` admits everything). Any positive float64
+            pace is exact: one below (or above) the normal range of ``hardness``'s dtype, e.g.
+            ``1e-300`` for float32, is applied in float64.
         regularizer: ``"hard" | "linear" | "log" | "mixture"``.
         zeta: shape of the ``log`` regulariser, in ``(0, 1)``.
         mixture_c: ratio :math:`c = \gamma / \lambda_Z > 0` of the ``mixture`` regulariser.
@@ -62,11 +64,16 @@ def self_paced_weights(
         return one
     if regularizer == "hard":
         return torch.where(hardness < ceil_to_dtype(lam, hardness.dtype), one, zero)
+    # A pace outside the normal range of the hardness dtype (e.g. 1e-300 in float32) would round
+    # to 0 or inf there (h / 0 = NaN): such a pace is applied in float64, where it is exact.
+    info = torch.finfo(hardness.dtype)
+    h = hardness if info.tiny <= lam <= info.max else hardness.double()
     if regularizer == "linear":
-        return (1.0 - hardness / lam).clamp(0.0, 1.0)
+        return (1.0 - h / lam).clamp(0.0, 1.0).to(hardness.dtype)
     if regularizer == "log":
-        rel = (hardness / lam).clamp(0.0, 1.0)
-        return (torch.log(zeta + (1.0 - zeta) * rel) / math.log(zeta)).clamp(0.0, 1.0)
-    # mixture: c * (sqrt(lam / h) - 1); h = 0 gives +inf -> 1
-    ratio = torch.sqrt(lam / hardness.clamp_min(torch.finfo(hardness.dtype).tiny))
-    return (mixture_c * (ratio - 1.0)).clamp(0.0, 1.0)
+        rel = (h / lam).clamp(0.0, 1.0)
+        return (torch.log(zeta + (1.0 - zeta) * rel) / math.log(zeta)).clamp(0.0, 1.0).to(hardness.dtype)
+    # mixture: c * (sqrt(lam / h) - 1); h = 0 gives +inf -> 1, whatever the pace
+    ratio = torch.sqrt(lam / h.clamp_min(torch.finfo(h.dtype).tiny))
+    weights = (mixture_c * (ratio - 1.0)).clamp(0.0, 1.0).to(hardness.dtype)
+    return torch.where(hardness == 0, one, weights)
