@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from mlcl_losses._seeding import mix_seed
 from mlcl_losses.tags import MAX_SOURCE, ViewTags
+from mlcl_losses.views._image_file import read_image_file
 from mlcl_losses.views.sampler import FourViews, FourViewSampler
 
 __all__ = ["FourViewDataset", "FourViewRecord", "collate_four_views"]
@@ -30,18 +31,7 @@ def _load(source: Any, name: str) -> Tensor:
     if isinstance(source, Tensor):
         return source
     if isinstance(source, (str, os.PathLike)):
-        try:
-            from PIL import Image
-        except ImportError as err:  # pragma: no cover - pillow is in the examples extra
-            raise ImportError(
-                f"Loading `{name}` from a file needs pillow: `pip install pillow` (or mlcl-losses[examples]); "
-                "or pass a tensor or a loader callable instead"
-            ) from err
-        with Image.open(source) as opened:
-            pil = opened.convert("L" if opened.mode in ("L", "I", "I;16", "F") else "RGB")
-            data = torch.frombuffer(bytearray(pil.tobytes()), dtype=torch.uint8)
-            channels = 1 if pil.mode == "L" else 3
-            return data.view(pil.height, pil.width, channels).permute(2, 0, 1).float() / 255.0
+        return read_image_file(source, name)
     if callable(source):
         out = source()
         if not isinstance(out, Tensor):
@@ -56,7 +46,9 @@ class FourViewRecord:
 
     Attributes:
         image: the high-quality image ``(C, H, W)`` float in [0, 1]: a tensor, a loader
-            callable returning one, or an image file path (read with pillow).
+            callable returning one, or an image file path (read with pillow: 8-bit scaled by
+            1/255, 16-bit grayscale by 1/65535, float images must lie in [0, 1]; other files are
+            a ``ValueError`` naming the file when the item is read).
         boxes: ``(K, 4)`` lesion boxes ``x1, y1, x2, y2`` in pixels.
         healthy_boxes: optional ``(M, 4)`` healthy regions (random patches when ``None``).
         degraded: optional degraded copy (same forms as ``image``); when ``None`` the
