@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -269,6 +270,25 @@ def test_bad_calls_raise(device: torch.device) -> None:
     partial = MultiLevelContrastiveLoss(weighting={"lesion": one})
     with pytest.raises(ValueError, match="[Aa]nchor weighting"):
         partial(z, tags)
+
+
+def test_a_batch_without_any_anchor_logs_a_warning_once(caplog: pytest.LogCaptureFixture) -> None:
+    criterion = MultiLevelContrastiveLoss()
+    tags = ViewTags(kind=[1, 1, 1, 0, 0], quality=[0, 0, 1, 0, 1], source=[4] * 5)  # one source: no negative
+    z = torch.randn(5, 8, requires_grad=True)
+    with caplog.at_level(logging.WARNING, logger="mlcl_losses.loss"):
+        for _ in range(2):
+            loss, stats = criterion(z, tags)
+            assert loss.item() == 0.0
+            assert all(int(s.anchors) == 0 for s in stats.values())
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1
+    assert "no level has an anchor" in warned[0].getMessage()
+    assert "loss is 0" in warned[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mlcl_losses.loss"):
+        MultiLevelContrastiveLoss()(*batch(torch.device("cpu")))
+    assert not caplog.records  # a batch with anchors logs nothing
 
 
 # --------------------------------------------------------------------------- with a hard-negative index

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import pytest
@@ -96,7 +97,7 @@ def test_adapter_do_nothing_reducer_exposes_elements(device: torch.device) -> No
 
 
 def test_adapter_level_without_valid_anchor_is_zero(device: torch.device) -> None:
-    tags = ViewTags(kind=[1, 1, 1], quality=[0, 0, 0], source=[0, 0, 0]).to(device)
+    tags = ViewTags(kind=[1, 1, 1], quality=[0, 0, 0], source=[1, 1, 1]).to(device)  # one source: no negative
     z = randn((3, 4), 4, device).requires_grad_(True)
     loss = MultiLevelInfoNCELoss([Level.instance()])(z, tags.pack())
     assert loss.item() == 0.0
@@ -274,6 +275,38 @@ def test_cross_batch_memory_trains(device: torch.device) -> None:
     sources = set(ViewTags.unpack(memory.label_memory).source.tolist())
     assert sources == {12, 13, 20, 21, 22, 23, 30, 31, 32, 33}
     assert (memory.embedding_memory.norm(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("labels", [[0, 0, 1, 1, 2, 2, 3, 3], [3, 1, 2, 0], [1]], ids=["pairs", "one-each", "one"])
+def test_adapter_and_miner_refuse_plain_class_labels(labels: list[int]) -> None:
+    z = randn((len(labels), 8), 3, torch.device("cpu")).requires_grad_(True)
+    match = r"`labels` to be packed ViewTags.*ViewTags\(kind, quality, source, \.\.\.\)\.pack\(\).*class labels"
+    with pytest.raises(ValueError, match=match):
+        MultiLevelInfoNCELoss()(z, torch.tensor(labels))
+    with pytest.raises(ValueError, match=match):
+        MultiLevelMiner()(z, torch.tensor(labels))
+    # a batch of source 0 with a reference set of other sources is packed tags, not class labels
+    ref = four_views(torch.device("cpu"), offset=1)
+    ref_z = randn((len(ref), 8), 4, torch.device("cpu"))
+    loss = MultiLevelInfoNCELoss()(z, torch.tensor(labels), ref_emb=ref_z, ref_labels=ref.pack())
+    assert torch.isfinite(loss)
+
+
+def test_adapter_warns_once_when_no_level_has_an_anchor(caplog: pytest.LogCaptureFixture) -> None:
+    loss_fn = MultiLevelInfoNCELoss()
+    tags = ViewTags(kind=[1, 1, 0, 0], quality=[0, 1, 0, 1], source=[5, 5, 5, 5])  # one source: no negative
+    z = randn((4, 8), 5, torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="mlcl_losses.pml"):
+        assert loss_fn(z, tags.pack()).item() == 0.0
+        assert loss_fn(z, tags.pack()).item() == 0.0
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1
+    assert "loss is 0" in warned[0].getMessage()
+    assert "packed ViewTags (ViewTags.pack())" in warned[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mlcl_losses.pml"):
+        loss_fn(randn((10, 8), 6, torch.device("cpu")), four_views(torch.device("cpu")).pack())
+    assert not caplog.records  # a batch with anchors logs nothing
 
 
 # --------------------------------------------------------------------------- miner

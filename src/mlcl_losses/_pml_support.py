@@ -70,6 +70,24 @@ def unpack_labels(labels: Tensor, name: str) -> ViewTags:
         raise type(err)(f"`{name}`: {err}") from err
 
 
+def refuse_class_labels(labels: Tensor, ref_labels: Tensor | None) -> None:
+    """Refuse plain class labels where packed :class:`~mlcl_losses.tags.ViewTags` are expected.
+
+    Small labels decode as valid packed tags: every value in ``[0, 3]`` is source 0 with no
+    label and no image tag. A batch (and reference set) of one source and no label has no
+    negative at any level (negatives never share the anchor's source), so its loss is 0 for
+    certain, whatever the embeddings: such labels are class labels passed by mistake.
+    """
+    values = labels if ref_labels is None else torch.cat([labels.reshape(-1), ref_labels.reshape(-1).to(labels)])
+    if values.numel() and bool((values < 4).all()):
+        seen = sorted(int(v) for v in torch.unique(values)[:8])
+        raise ValueError(
+            "Expected `labels` to be packed ViewTags (`ViewTags(kind, quality, source, ...).pack()`), but every "
+            f"value is in [0, 3] (got {seen}): these look like plain class labels. Decoded as packed tags they "
+            "put every view in source 0 with no label, so no anchor has a negative and the loss would be 0"
+        )
+
+
 def reference_tags(
     embeddings: Tensor, tags: ViewTags, ref_emb: object, ref_labels: object, levels: Sequence[Level]
 ) -> tuple[ViewTags, ViewTags]:

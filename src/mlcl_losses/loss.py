@@ -65,6 +65,10 @@ class MultiLevelContrastiveLoss(nn.Module):
             process group at :meth:`forward`.
         process_group: the process group to gather over (default: the default group).
 
+    A batch in which no level has an anchor with a positive and a negative gives loss 0 (and no
+    gradient) and logs a warning (``logging.getLogger("mlcl_losses.loss")``, once per module,
+    then at debug level).
+
     Distributed training (``gather_distributed=True``):
         Every rank computes the *whole* loss over the gathered global batch: all gathered rows are
         anchors, so the loss value, the statistics and the self-paced state are identical on every
@@ -152,6 +156,7 @@ class MultiLevelContrastiveLoss(nn.Module):
         self.gather_distributed = gather_distributed
         self.process_group = process_group
         self._warned_shared_ids = False
+        self._warned_no_anchor = False
         if index is not None and hasattr(index, "capacity") and k > index.capacity:
             raise ValueError(f"Expected `k` <= index capacity ({index.capacity}), but got {k}")
 
@@ -332,6 +337,17 @@ class MultiLevelContrastiveLoss(nn.Module):
             anchor_weights=anchor_weights,
             path_log=self._path_log,
         )
+        if embeddings.shape[0] and not bool(torch.stack([s.anchors for s in stats.values()]).any()):
+            log = logger.debug if self._warned_no_anchor else logger.warning
+            self._warned_no_anchor = True
+            log(
+                "%s: no level has an anchor with a positive and a negative in this batch of %d embeddings "
+                "(levels %s), so the loss is 0 and has no gradient; check the tags (several sources per batch, "
+                "the views each level needs). (Logged as a warning once per loss.)",
+                type(self).__name__,
+                embeddings.shape[0],
+                [level.name for level in self.levels],
+            )
         if keys is not None:
             if self.index is None:
                 raise ValueError("`keys` are enqueued into the index, but this loss has no `index`")

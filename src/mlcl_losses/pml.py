@@ -36,6 +36,7 @@ cannot see ranks; rank-local ids give a wrong loss without an error).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -56,6 +57,7 @@ from mlcl_losses._pml_support import (
     level_pair_masks,
     pairs_to_mask,
     reference_tags,
+    refuse_class_labels,
     unpack_labels,
 )
 from mlcl_losses.levels import Level, comcl_levels, validate_levels
@@ -68,6 +70,8 @@ __all__ = [
     "MultiLevelMiner",
     "SelfPacedReducer",
 ]
+
+logger = logging.getLogger(__name__)
 
 IndicesTuple = tuple[Tensor, ...]
 _HALF = (torch.float16, torch.bfloat16)
@@ -95,7 +99,12 @@ class MultiLevelInfoNCELoss(BaseMetricLossFunction):
 
     Raises:
         ValueError: an option out of range, a non-default ``distance``; at call time,
-            ``labels`` not packed tags, ``indices_tuple`` indices out of range.
+            ``labels`` not packed tags, plain class labels (every value of ``labels`` and
+            ``ref_labels`` in ``[0, 3]``: decoded, one source and no label, so the loss would be
+            0 whatever the embeddings), ``indices_tuple`` indices out of range.
+
+    A batch in which no level has an anchor with a positive and a negative gives loss 0 and
+    logs a warning (``logging.getLogger("mlcl_losses.pml")``, once per loss, then at debug level).
         TypeError: ``indices_tuple`` of non-integer tensors.
 
     Examples:
@@ -137,6 +146,7 @@ class MultiLevelInfoNCELoss(BaseMetricLossFunction):
         self.denominator: Denominator = self._options.denominator
         self.add_to_recordable_attributes(list_of_names=["temperature"], is_stat=False)
         self._warned_levels: set[str] = set()
+        self._warned_no_anchor = False
 
     def _sub_loss_names(self) -> list[str]:
         return [level.name for level in self.levels]
@@ -175,6 +185,7 @@ class MultiLevelInfoNCELoss(BaseMetricLossFunction):
         if labels is None:
             raise ValueError("MultiLevelInfoNCELoss needs `labels` (packed ViewTags), but got None")
         tags = unpack_labels(labels, "labels").to(embeddings.device)
+        refuse_class_labels(labels, None if ref_emb is embeddings or not isinstance(ref_labels, Tensor) else ref_labels)
         n = embeddings.shape[0]
         if len(tags) != n:
             raise ValueError(f"`embeddings` and `labels` must have the same length, got {n} and {len(tags)}")
@@ -188,6 +199,15 @@ class MultiLevelInfoNCELoss(BaseMetricLossFunction):
             losses, valid = self._with_reference(embeddings, ref_emb, *candidate_tags, pairs)
         if pairs is not None:
             self._warn_levels_without_pairs(*candidate_tags, valid)
+        if n and not any(bool(ok.any()) for ok in valid):
+            log = logger.debug if self._warned_no_anchor else logger.warning
+            self._warned_no_anchor = True
+            log(
+                "MultiLevelInfoNCELoss: no level has an anchor with a positive and a negative in this batch "
+                "(%d embeddings), so the loss is 0. `labels` must be packed ViewTags (ViewTags.pack()), not class "
+                "labels; a batch needs several sources. (Logged as a warning once per loss.)",
+                n,
+            )
         out: dict[str, dict[str, Any]] = {}
         for row, ok, level in zip(losses, valid, self.levels, strict=True):
             if bool(ok.any()):
@@ -298,9 +318,14 @@ class MultiLevelMiner(BaseMiner):
             ref_labels: ``(M,)`` packed tags of a reference set; then pairs index into it, and
                 a reference entry is a positive when related to the anchor (same source or label)
                 and passes the positive selector, a negative under the bank rules.
+
+        Raises:
+            ValueError: ``labels`` / ``ref_labels`` not packed tags, or plain class labels (every
+                value in ``[0, 3]``; see :class:`MultiLevelInfoNCELoss`).
         """
         tags = unpack_labels(labels, "labels")
         ref = None if ref_labels is None else unpack_labels(ref_labels, "ref_labels").to(tags.device)
+        refuse_class_labels(labels, ref_labels)
         out: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         for lv in validate_levels(self.levels, tags):
             pos, neg = level_pair_masks(tags, ref, lv)
