@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from examples.common.config import ConfigError
 
 __all__ = [
     "TIMM_PREFIX",
@@ -37,6 +39,7 @@ __all__ = [
     "ProjectionHead",
     "arch_problem",
     "build_encoder",
+    "check_input_sizes",
     "feature_dim",
     "momentum_update",
 ]
@@ -148,7 +151,10 @@ def _timm_encoder(name: str, weights: str | os.PathLike[str] | None) -> nn.Modul
 
 
 def build_encoder(
-    arch: str = "resnet18", width: float = 1.0, weights: str | os.PathLike[str] | None = None
+    arch: str = "resnet18",
+    width: float = 1.0,
+    weights: str | os.PathLike[str] | None = None,
+    input_sizes: Mapping[str, int] | None = None,
 ) -> nn.Module:
     """A backbone returning ``(B, F)`` pooled features from ``(B, 3, H, W)``; ``encoder.out_dim`` is ``F``.
 
@@ -162,10 +168,14 @@ def build_encoder(
             or a timm ``.safetensors`` file). Classifier keys (``fc.*``, timm's ``classifier``),
             a ``"state_dict"`` wrapper and DDP's ``module.`` prefix are ignored/unwrapped. Read with
             ``weights_only=True``.
+        input_sizes: the side in pixels of every input the encoder will get, by the setting that
+            fixes it (e.g. ``{"pretrain.patch_size": 24, "data.image_size": 64}``): the built encoder
+            is probed once with each (:func:`check_input_sizes`; no effect on a valid model's results).
 
     Raises:
         ValueError: unknown ``arch``; ``width`` other than 1.0 with a timm model; ``weights`` missing,
             unreadable or not matching the network.
+        ConfigError: the encoder fails on one of ``input_sizes`` (a ``ValueError`` too).
     """
     problem = arch_problem(arch)
     if problem is not None:
@@ -176,7 +186,15 @@ def build_encoder(
                 f"Expected `width` 1.0 with a timm backbone ({arch}): width scales torchvision ResNets only; "
                 f"choose a smaller timm model instead, but got {width}"
             )
-        return _timm_encoder(arch.removeprefix(TIMM_PREFIX), weights)
+        encoder = _timm_encoder(arch.removeprefix(TIMM_PREFIX), weights)
+    else:
+        encoder = _torchvision_encoder(arch, width, weights)
+    if input_sizes:
+        check_input_sizes(encoder, arch, input_sizes)
+    return encoder
+
+
+def _torchvision_encoder(arch: str, width: float, weights: str | os.PathLike[str] | None) -> nn.Module:
     block, layers = _LAYOUTS[arch]
     encoder = _WidthResNet(block, layers, width)
     if weights is not None:
@@ -187,6 +205,45 @@ def build_encoder(
         except RuntimeError as err:
             raise ValueError(f"{weights}: weights do not fit {arch} at width {width}: {err}") from err
     return encoder
+
+
+def check_input_sizes(encoder: nn.Module, arch: str, sizes: Mapping[str, int], key: str = "model.arch") -> None:
+    """Run ``encoder`` once on a ``(1, 3, s, s)`` zero image for every size ``s`` it will be fed.
+
+    A backbone that cannot take an input size (a timm ViT built for 224 px, a ConvNeXt whose last
+    stage has nothing left of a 24 px patch) is then a configuration error before any training,
+    not a deep traceback in the first step. The probe changes nothing: it runs without gradients, in
+    eval mode (BatchNorm's running statistics stay as they are; each submodule's mode is restored)
+    and inside :func:`torch.random.fork_rng`, so the global CPU random state is unchanged.
+
+    Args:
+        encoder: the backbone (on the CPU, as :func:`build_encoder` returns it).
+        arch: its name, for the message.
+        sizes: the side in pixels of each input it will get, by the setting that fixes it
+            (e.g. ``{"pretrain.patch_size": 24, "data.image_size": 64}``).
+        key: the setting that names the backbone, for the message.
+
+    Raises:
+        ConfigError: ``"<key>: expected a backbone that takes <setting> <s> (s x s px inputs), got <arch>
+            (<the error it raised>)"``.
+    """
+    modes = [(m, m.training) for m in encoder.modules()]
+    encoder.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for setting, size in sizes.items():
+                try:
+                    encoder(torch.zeros(1, 3, size, size))
+                except (RuntimeError, AssertionError, ValueError, IndexError) as err:
+                    reason = (str(err).strip().splitlines() or [""])[0]
+                    raise ConfigError(
+                        f"{key}: expected a backbone that takes {setting} {size} ({size}x{size} px inputs), "
+                        f"got {arch!r}, which fails on them ({type(err).__name__}: {reason}); "
+                        f"choose another backbone or another {setting}"
+                    ) from None
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 class ProjectionHead(nn.Module):

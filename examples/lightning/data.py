@@ -83,6 +83,12 @@ class SyntheticFourViewData(L.LightningDataModule):
         for name, value in (("n_images", n_images), ("max_lesions", max_lesions), ("batch_images", batch_images)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Expected `{name}` to be an int >= 1, but got {value!r}")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:
+            raise ValueError(f"Expected `image_size` to be an int >= 32, but got {image_size!r}")
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or not 1 <= patch_size <= image_size:
+            raise ValueError(
+                f"Expected `patch_size` to be an int in [1, `image_size` ({image_size})], but got {patch_size!r}"
+            )
         if batch_images > n_images:
             raise ValueError(f"Expected `batch_images` <= `n_images` ({n_images}), but got {batch_images}")
         self.save_hyperparameters()

@@ -154,3 +154,70 @@ def test_cli_with_a_timm_backbone_and_clear_errors(tmp_path: Path, capsys: pytes
     assert "`width` 1.0 with a timm backbone" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "none"), "--resume"]) == 2
     assert "--resume: no checkpoint" in capsys.readouterr().err
+
+
+CLI_TINY = ["--images", "8", "--image-size", "64", "--patch", "24", "--batch-images", "4"]
+CLI_TINY += ["--bank-size", "64", "--k", "4", "--index-backend", "torch"]
+
+
+def test_cli_refuses_an_out_that_holds_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A second run into the same --out is refused (it used to write last-v1.ckpt and print last.ckpt)."""
+    from examples.lightning.train import main
+
+    out = tmp_path / "run"
+    cmd = ["--out", str(out), "--steps", "2", *CLI_TINY]
+    assert main(cmd) == 0
+    assert f"checkpoint: {out / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
+    first = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} already holds a run" in err
+    assert "--resume" in err
+    assert "--overwrite" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == first  # nothing written
+    (out / "notes.txt").write_text("mine")
+    assert main([*cmd, "--overwrite"]) == 0
+    written = capsys.readouterr().out.splitlines()[-1].removeprefix("checkpoint: ")
+    assert Path(written) == out / "checkpoints" / "last.ckpt"
+    assert Path(written).is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == first  # replaced, no last-v1.ckpt
+    assert [p.name for p in (out / "lightning_logs").iterdir()] == ["version_0"]
+    assert (out / "notes.txt").read_text() == "mine"  # a file the command did not write is kept
+    assert main([*cmd, "--resume"]) == 0  # a finished run: nothing to do, the checkpoint named is the one read
+    assert capsys.readouterr().out.splitlines()[-1] == f"checkpoint: {out / 'checkpoints' / 'last.ckpt'}"
+    with pytest.raises(SystemExit):
+        main([*cmd, "--resume", "--overwrite"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--k", "100000"], "--k must be <= --bank-size (64), got 100000"),
+        (["--patch", "500"], "--patch must be <= --image-size (64), got 500"),
+        (["--image-size", "16"], "--image-size must be >= 32"),
+        (["--devices", "0"], "--devices must be a count >= 1, -1 or auto (all), or indices like 0,1; got '0'"),
+        (["--accelerator", "tpu"], "--accelerator tpu --devices 1 --strategy auto: Lightning cannot run"),
+        (["--accelerator", "quantum"], "argument --accelerator: invalid choice: 'quantum'"),
+        (["--strategy", "foo"], "--strategy foo: Lightning cannot run with these here (You selected an invalid"),
+        (["--seed", "-3"], "--seed must be >= 0, got -3"),
+        (["--devices", "2", "--strategy", "ddp", "--k", "40"], "--k must be <= each process's bank shard of 32"),
+        (["--devices", "3", "--strategy", "ddp"], "--batch-images must be divisible by the 3 processes, got 4"),
+        (["--arch", "timm:vit_tiny_patch16_224"], "--arch: expected a backbone that takes --patch 24"),
+        (["--out", "/dev/null"], "--out must be a directory, but /dev/null is a file"),
+    ],
+)
+def test_cli_bad_arguments_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    from examples.lightning.train import main
+
+    try:
+        code = main(["--out", str(tmp_path / "run"), "--steps", "2", *CLI_TINY, *args])
+    except SystemExit as exit_:  # argparse's errors
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing written

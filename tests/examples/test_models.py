@@ -11,7 +11,7 @@ import torch
 from examples.chestxray.data import build_data
 from examples.chestxray.train import ChestXrayConfig
 from examples.common.config import ConfigError, load_config
-from examples.common.models import ContrastiveModel, build_encoder
+from examples.common.models import ContrastiveModel, build_encoder, check_input_sizes
 from examples.common.pretrain import build_pretrain, pretrain_epoch
 from torch.utils.data import DataLoader
 
@@ -124,3 +124,49 @@ def test_timm_config_errors(overrides: list[str], match: str) -> None:
 def test_build_encoder_refuses_width_with_timm() -> None:
     with pytest.raises(ValueError, match=r"`width` 1\.0 with a timm backbone"):
         build_encoder("timm:test_resnet", width=0.25)
+
+
+@pytest.mark.parametrize(
+    ("arch", "sizes", "match"),
+    [
+        # ConvNeXt's stride-32 stages leave nothing of a 24 px patch for the last downsampling conv
+        (
+            "timm:convnext_tiny",
+            {"pretrain.patch_size": 24},
+            r"model\.arch: .*takes pretrain\.patch_size 24 .*RuntimeError",
+        ),
+        # a ViT is built for one input size (224 px)
+        (
+            "timm:vit_tiny_patch16_224",
+            {"data.image_size": 64},
+            r"model\.arch: .*takes data\.image_size 64 .*AssertionError",
+        ),
+    ],
+    ids=["convnext-small-patch", "vit-fixed-size"],
+)
+def test_encoder_that_cannot_take_the_input_size_is_a_config_error(
+    arch: str, sizes: dict[str, int], match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match) as err:
+        build_encoder(arch, input_sizes=sizes)
+    assert arch in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_input_size_probe_changes_nothing() -> None:
+    """The probe leaves the random state, BatchNorm's running statistics and every module's mode as they were."""
+    torch.manual_seed(0)
+    plain = build_encoder("resnet18", 0.125)
+    after_plain = torch.rand(4)
+    torch.manual_seed(0)
+    probed = build_encoder("resnet18", 0.125, input_sizes={"pretrain.patch_size": 24, "data.image_size": 64})
+    assert torch.equal(torch.rand(4), after_plain)  # no random number drawn
+    for name, value in plain.state_dict().items():  # weights and running statistics unchanged
+        assert torch.equal(probed.state_dict()[name], value), name
+    assert probed.training
+    assert all(m.training for m in probed.modules())
+    probed.layer1.eval()  # a submodule in eval mode stays so
+    check_input_sizes(probed, "resnet18", {"data.image_size": 32})
+    assert probed.training
+    assert not probed.layer1.training
+    assert not probed.layer1[0].bn1.training
