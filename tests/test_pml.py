@@ -251,6 +251,40 @@ def test_plain_cross_batch_memory_refuses_our_loss() -> None:
     assert set(CrossBatchMemory.supported_losses()) < set(MultiLevelCrossBatchMemory.supported_losses())
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"embedding_size": 8, "memory_size": 0}, ValueError, r"`memory_size` >= 1, but got 0"),
+        ({"embedding_size": 0}, ValueError, r"`embedding_size` >= 1, but got 0"),
+        ({"embedding_size": 8, "memory_size": 2.5}, TypeError, r"`memory_size` to be an int, but got float 2.5"),
+        ({"embedding_size": True}, TypeError, r"`embedding_size` to be an int, but got bool"),
+    ],
+    ids=["memory-zero", "embedding-zero", "memory-float", "embedding-bool"],
+)
+def test_cross_batch_memory_refuses_bad_sizes(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        MultiLevelCrossBatchMemory(MultiLevelInfoNCELoss(), **kwargs)  # type: ignore[arg-type]
+
+
+def test_cross_batch_memory_refuses_bad_calls() -> None:
+    memory = MultiLevelCrossBatchMemory(MultiLevelInfoNCELoss(), embedding_size=8, memory_size=6)
+    cpu = torch.device("cpu")
+    tags = four_views(cpu).pack()
+    with pytest.raises(
+        ValueError, match=r"`embeddings` of shape \(N, 8\) \(the memory's `embedding_size`\).*\(10, 5\)"
+    ):
+        memory(randn((10, 5), 0, cpu, torch.float32), tags)
+    with pytest.raises(ValueError, match=r"at most `memory_size` \(6\) entries to enqueue per call, but got 10"):
+        memory(randn((10, 8), 0, cpu, torch.float32), tags)
+    with pytest.raises(ValueError, match=r"`labels` of shape \(5,\)"):
+        memory(randn((5, 8), 0, cpu, torch.float32), tags)
+    with pytest.raises(TypeError, match=r"`enqueue_mask` to be a bool tensor"):
+        memory(randn((10, 8), 0, cpu, torch.float32), tags, enqueue_mask=torch.ones(10))
+    assert memory.queue_idx == 0  # nothing was enqueued
+    mask = torch.tensor([True] * 5 + [False] * 5)  # 5 enqueued fit a memory of 6
+    assert torch.isfinite(memory(randn((10, 8), 0, cpu, torch.float32), tags, enqueue_mask=mask))
+
+
 def test_cross_batch_memory_trains(device: torch.device) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8)).to(device)

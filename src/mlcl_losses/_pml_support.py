@@ -157,3 +157,34 @@ def check_reducer(reducer: object) -> None:
             )
         if isinstance(r, DivisorReducer):
             raise ValueError("Expected a `reducer` without a divisor: DivisorReducer needs a loss that gives one")
+
+
+def check_memory_inputs(
+    embeddings: object, labels: object, enqueue_mask: object, embedding_size: int, memory_size: int
+) -> None:
+    """The inputs of a cross-batch memory's forward: shapes, dtypes, and no more entries to enqueue than it holds."""
+    if not isinstance(embeddings, Tensor) or not embeddings.dtype.is_floating_point:
+        got = embeddings.dtype if isinstance(embeddings, Tensor) else type(embeddings).__name__
+        raise TypeError(f"Expected `embeddings` to be a floating-point tensor, but got {got}")
+    if embeddings.dim() != 2 or embeddings.shape[1] != embedding_size:
+        raise ValueError(
+            f"Expected `embeddings` of shape (N, {embedding_size}) (the memory's `embedding_size`), "
+            f"but got {tuple(embeddings.shape)}"
+        )
+    n = embeddings.shape[0]
+    if not isinstance(labels, Tensor) or labels.shape != (n,):
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"Expected `labels` of shape ({n},) (one per embedding), but got {shape}")
+    queued = n
+    if enqueue_mask is not None:
+        if not isinstance(enqueue_mask, Tensor) or enqueue_mask.dtype != torch.bool:
+            got = enqueue_mask.dtype if isinstance(enqueue_mask, Tensor) else type(enqueue_mask).__name__
+            raise TypeError(f"Expected `enqueue_mask` to be a bool tensor, but got {got}")
+        if enqueue_mask.shape != (n,):
+            raise ValueError(f"Expected `enqueue_mask` of shape ({n},), but got {tuple(enqueue_mask.shape)}")
+        queued = int(enqueue_mask.sum())
+    if queued > memory_size:
+        raise ValueError(
+            f"Expected at most `memory_size` ({memory_size}) entries to enqueue per call, but got {queued}: "
+            "raise `memory_size` or split the batch"
+        )

@@ -45,14 +45,15 @@ import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction, CrossBatchMemory
 from pytorch_metric_learning.miners import BaseMiner
-from pytorch_metric_learning.reducers import BaseReducer
 from torch import Tensor
 
 from mlcl_losses._core import Denominator, check_options
 from mlcl_losses._dispatch import PathLog, loss_with_options
+from mlcl_losses._pml_reducer import SelfPacedReducer
 from mlcl_losses._pml_support import (
     Pairs,
     check_indices_tuple,
+    check_memory_inputs,
     check_reducer,
     level_pair_masks,
     pairs_to_mask,
@@ -61,7 +62,6 @@ from mlcl_losses._pml_support import (
     unpack_labels,
 )
 from mlcl_losses.levels import Level, comcl_levels, validate_levels
-from mlcl_losses.self_paced import SelfPacedWeighting
 from mlcl_losses.tags import ViewTags
 
 __all__ = [
@@ -367,89 +367,46 @@ class MultiLevelCrossBatchMemory(CrossBatchMemory):
         memory_size: entries kept.
         miner: a PML miner; default :class:`MultiLevelMiner` of the loss's levels for our loss.
         **kwargs: passed to ``CrossBatchMemory``.
+
+    Raises:
+        TypeError: ``embedding_size`` or ``memory_size`` not an int; at call time, ``embeddings``
+            not a float tensor, ``enqueue_mask`` not a bool tensor.
+        ValueError: ``embedding_size`` or ``memory_size`` < 1; at call time, ``embeddings`` not
+            ``(N, embedding_size)``, ``labels`` or ``enqueue_mask`` of another length, or more
+            entries to enqueue than ``memory_size``.
     """
 
     def __init__(
         self, loss: Any, embedding_size: int, memory_size: int = 1024, miner: BaseMiner | None = None, **kwargs: Any
     ) -> None:
+        for name, value in (("embedding_size", embedding_size), ("memory_size", memory_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"Expected `{name}` to be an int, but got {type(value).__name__} {value!r}")
+            if value < 1:
+                raise ValueError(f"Expected `{name}` >= 1, but got {value}")
         if miner is None and isinstance(loss, MultiLevelInfoNCELoss):
             miner = MultiLevelMiner(loss.levels)
         super().__init__(loss, embedding_size, memory_size=memory_size, miner=miner, **kwargs)
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        indices_tuple: IndicesTuple | None = None,
+        enqueue_mask: Tensor | None = None,
+    ) -> Tensor:
+        """PML's ``CrossBatchMemory.forward``, with its inputs checked first.
+
+        Args:
+            embeddings: ``(N, embedding_size)`` float.
+            labels: ``(N,)`` packed tags (for our loss) or the wrapped loss's labels.
+            indices_tuple: extra pairs or triplets, as PML's.
+            enqueue_mask: ``(N,)`` bool or None: the rows to enqueue (not anchors), as PML's.
+        """
+        check_memory_inputs(embeddings, labels, enqueue_mask, self.embedding_size, self.memory_size)
+        return super().forward(embeddings, labels, indices_tuple, enqueue_mask)
 
     @staticmethod
     def supported_losses() -> list[str]:
         """PML's list plus ``MultiLevelInfoNCELoss``."""
         return [*CrossBatchMemory.supported_losses(), "MultiLevelInfoNCELoss"]
-
-
-_REDUCTION_TYPES = ("element", "pos_pair", "neg_pair", "triplet")
-
-
-class SelfPacedReducer(BaseReducer):
-    """A PML reducer that weights per-element losses with self-paced weights, then averages.
-
-    Gives PML users self-paced learning without this library's loss: the weights come
-    from a :class:`~mlcl_losses.self_paced.SelfPacedWeighting` with ``target="anchors"``
-    applied to the detached losses; the result is ``mean(v * loss)``, which is PML's
-    ``MeanReducer`` when every weight is 1. Every shape PML's reducers take is handled:
-    ``"element"``, ``"pos_pair"``, ``"neg_pair"`` and ``"triplet"`` losses of shape ``(P,)``
-    or ``(P, 1)`` (e.g. ``MultiSimilarityLoss``, ``CircleLoss``, ``LiftedStructureLoss``) are
-    weighted entry by entry; ``"already_reduced"`` losses pass through unweighted (there is
-    nothing to weight).
-
-    Args:
-        weighting: the self-paced weighting (``target="anchors"``).
-
-    Raises:
-        ValueError: ``weighting`` of the wrong target; at call time, losses with NaN.
-        TypeError: ``weighting`` not a ``SelfPacedWeighting``.
-
-    Examples:
-        >>> from mlcl_losses.self_paced import PaceSchedule
-        >>> reducer = SelfPacedReducer(SelfPacedWeighting("hard", PaceSchedule.constant(1.0), target="anchors"))
-        >>> reducer.element_reduction(torch.tensor([0.5, 2.0]), None, None, None)
-        tensor(0.2500)
-    """
-
-    def __init__(self, weighting: SelfPacedWeighting, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if not isinstance(weighting, SelfPacedWeighting):
-            raise TypeError(
-                "Expected `weighting` to be a SelfPacedWeighting with target='anchors', "
-                f"but got {type(weighting).__name__}"
-            )
-        if weighting.target != "anchors":
-            raise ValueError(
-                f"Expected `weighting` with target='anchors' (it weights losses), but got target={weighting.target!r}"
-            )
-        self.weighting = weighting
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> SelfPacedReducer:
-        """PML deep-copies reducers; the copy shares the weighting, so ``weighting.step()`` reaches it."""
-        return SelfPacedReducer(self.weighting)
-
-    def _weighted_mean(self, losses: Tensor, reduction_type: str) -> Tensor:
-        if not isinstance(losses, Tensor) or not losses.dtype.is_floating_point:
-            got = f"a {losses.dtype} tensor" if isinstance(losses, Tensor) else type(losses).__name__
-            raise TypeError(f"SelfPacedReducer expected {reduction_type!r} losses as a float tensor, but got {got}")
-        detached = losses.detach()
-        if bool(torch.isnan(detached).any()):
-            raise ValueError(f"SelfPacedReducer got {reduction_type!r} losses containing NaN (from the loss function)")
-        weights = self.weighting(detached.reshape(-1)).reshape(losses.shape)  # one weight per loss entry
-        return (weights * losses).mean()
-
-    def element_reduction(self, losses: Tensor, *_: Any) -> Tensor:
-        """``mean(v * losses)`` with ``v = weighting(losses.detach())``, entry by entry."""
-        return self._weighted_mean(losses, "element")
-
-    def pos_pair_reduction(self, losses: Tensor, *_: Any) -> Tensor:
-        """Same as :meth:`element_reduction`, over positive pairs."""
-        return self._weighted_mean(losses, "pos_pair")
-
-    def neg_pair_reduction(self, losses: Tensor, *_: Any) -> Tensor:
-        """Same as :meth:`element_reduction`, over negative pairs."""
-        return self._weighted_mean(losses, "neg_pair")
-
-    def triplet_reduction(self, losses: Tensor, *_: Any) -> Tensor:
-        """Same as :meth:`element_reduction`, over triplets."""
-        return self._weighted_mean(losses, "triplet")
