@@ -58,7 +58,11 @@ class TinyEncoder(nn.Module):
         return self.head(self.features(x))
 
 
-def parse_args() -> argparse.Namespace:
+MIN_PATCH = 16  # TinyEncoder halves the patch four times
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, checked: every bad value is a one-line error naming the option (exit status 2)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60, help="training steps")
     parser.add_argument("--images", type=int, default=96, help="synthetic fundus images")
@@ -66,12 +70,39 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--patch", type=int, default=32, help="patch side in pixels")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    args = parser.parse_args(argv)
     for name in ("steps", "images", "batch_images", "size", "patch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.batch_images > args.images:  # full batches only: with fewer images there would be none
+        parser.error(f"--batch-images must be <= --images ({args.images}), got {args.batch_images}")
+    if args.size < 32:
+        parser.error(f"--size must be >= 32 (the synthetic fundus images), got {args.size}")
+    if not MIN_PATCH <= args.patch <= args.size:
+        parser.error(f"--patch must be in [{MIN_PATCH}, --size ({args.size})], got {args.patch}")
+    problem = device_problem(args.device)
+    if problem is not None:
+        parser.error(f"--device must be {problem}, got {args.device!r}")
     return args
+
+
+def device_problem(name: str) -> str | None:
+    """What is wrong with the device ``name`` on this machine (``None``: nothing)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return "a torch device (cpu, cuda, cuda:N, mps)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "a device of this machine (CUDA is not available here)"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"a CUDA device of this machine (it has {torch.cuda.device_count()})"
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        return "a device of this machine (MPS is not available here)"
+    elif device.type not in ("cpu", "cuda", "mps"):
+        return "cpu, cuda, cuda:N or mps"
+    return None
 
 
 @torch.no_grad()
@@ -96,8 +127,8 @@ def separation(encoder: nn.Module, loader: DataLoader, device: torch.device) -> 
     }
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
 
