@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -156,7 +157,8 @@ def test_ramp_endpoints_exact(kind, start, end, steps):
     assert s.value(0) == start
     assert s.value(steps) == end
     assert s.value(steps + 7) == end
-    assert s.value(-3) == start
+    with pytest.raises(ValueError, match="`t` to be an int >= 0"):  # no step before the first
+        s.value(-3)
     lo, hi = min(start, end), max(start, end)
     assert lo * (1 - 1e-12) <= s.value(steps // 2) <= hi * (1 + 1e-12)
 
@@ -561,3 +563,70 @@ def test_weights_shape_mismatch_in_the_loss_is_reported():
     z, tags = _comcl_batch()
     with pytest.raises(ValueError, match="Expected `negative_weights` of level 'lesion' to have shape"):
         multilevel_info_nce(z, tags, comcl_levels(), negative_weights=lambda h, m: h[:, :-1], impl="reference")
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (
+            lambda: self_paced_weights(torch.rand(3), 1.0, "log", zeta="x"),
+            TypeError,
+            r"`zeta` to be a real number.*'x'",
+        ),
+        (lambda: SelfPacedWeighting("log", zeta="x"), TypeError, r"`zeta` to be a real number.*str 'x'"),
+        (lambda: self_paced_weights(torch.rand(3), "1"), TypeError, r"`lam` to be a real number.*str '1'"),
+        (lambda: SelfPacedWeighting("mixture", mixture_c=None), TypeError, r"`mixture_c` to be a real number.*None"),
+        (lambda: PaceSchedule.constant(1.0).load_state_dict({}), ValueError, r"'step_count', 'last_lam'.* missing"),
+        (lambda: PaceSchedule.constant(1.0).load_state_dict([1]), TypeError, r"`state` to be .*state_dict.*list"),
+        (
+            lambda: PaceSchedule.constant(1.0).load_state_dict({"step_count": -2, "last_lam": 1.0}),
+            ValueError,
+            r"`state\['step_count'\]` to be an int >= 0, but got -2",
+        ),
+    ],
+    ids=["zeta-fn", "zeta-module", "lam-str", "mixture-none", "state-empty", "state-list", "state-negative"],
+)
+def test_bad_types_raise_clear_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def _paced_loss() -> MultiLevelContrastiveLoss:
+    return MultiLevelContrastiveLoss(weighting=SelfPacedWeighting("linear", PaceSchedule.linear(0.2, 1.0, steps=10)))
+
+
+@pytest.mark.parametrize(
+    ("n", "error", "match"),
+    [
+        (-3, ValueError, r"`n` to be an int >= 0, but got -3"),
+        (2.5, TypeError, r"`n` to be an int >= 0, but got float 2.5"),
+        (True, TypeError, r"`n` to be an int >= 0, but got bool True"),
+        ("1", TypeError, r"`n` to be an int >= 0, but got str"),
+    ],
+    ids=["negative", "fraction", "bool", "str"],
+)
+def test_step_counts_that_make_no_sense_are_refused(n, error, match):
+    schedule = PaceSchedule.linear(0.2, 1.0, steps=10)
+    weighting = SelfPacedWeighting("linear", schedule)
+    criterion = MultiLevelContrastiveLoss(weighting=weighting)
+    for call in (criterion.step, weighting.step, schedule.advance):
+        with pytest.raises(error, match=match):
+            call(n)
+    with pytest.raises(error, match=match):
+        MultiLevelContrastiveLoss().step(n)  # refused without a weighting too
+    assert schedule.step_count == 0  # the pace did not move
+
+
+def test_step_counts_accept_ints_zero_and_integer_tensors():
+    schedule = PaceSchedule.linear(0.2, 1.0, steps=10)
+    schedule.advance(0)
+    schedule.advance(torch.tensor(2))
+    schedule.advance(np.int64(1))
+    assert schedule.step_count == 3
+    assert schedule.value(0) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match=r"`t` to be an int >= 0, but got -1"):
+        schedule.value(-1)
+    with pytest.raises(TypeError, match=r"`t` to be an int >= 0, but got float 1.5"):
+        schedule.value(1.5)
+    with pytest.raises(ValueError, match=r"`step` to be an int >= 0, but got -1"):
+        SelfPacedWeighting("linear", schedule)(torch.rand(2, 3), step=-1)

@@ -220,3 +220,11 @@ def test_pack_on_device(device: torch.device) -> None:
 def test_unpack_rejects_foreign_values(packed: torch.Tensor, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         ViewTags.unpack(packed)
+
+
+@pytest.mark.parametrize("field", ["kind", "quality", "source"])
+@pytest.mark.parametrize("validate", [True, False])
+def test_required_field_none_is_a_type_error(field: str, validate: bool) -> None:
+    fields: dict[str, object] = {"kind": [1, 0], "quality": [0, 1], "source": [0, 1], field: None}
+    with pytest.raises(TypeError, match=f"Expected `{field}` to be an integer tensor or sequence.*got None"):
+        ViewTags(**fields, validate=validate)  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from mlcl_losses._core import Denominator, FusedBackend, Impl, LevelStats, check_options
 from mlcl_losses._dispatch import PathLog, loss_with_options
+from mlcl_losses._steps import check_steps
 from mlcl_losses.levels import Level, comcl_levels, validate_levels
 from mlcl_losses.self_paced import SelfPacedWeighting
 from mlcl_losses.tags import ViewTags
@@ -204,7 +205,13 @@ class MultiLevelContrastiveLoss(nn.Module):
         raise TypeError(f"Expected `weighting` to be a SelfPacedWeighting, a mapping or None, got {type(weighting)}")
 
     def step(self, n: int = 1) -> None:
-        """Advance the pace of every self-paced weighting by ``n`` steps (once per training step)."""
+        """Advance the pace of every self-paced weighting by ``n`` steps (once per training step).
+
+        Raises:
+            TypeError: ``n`` not an int (a bool or ``2.5`` is refused, not truncated).
+            ValueError: ``n`` < 0 (the pace never moves backwards).
+        """
+        check_steps("n", n)
         unique: dict[int, SelfPacedWeighting] = {id(w): cast(SelfPacedWeighting, w) for w in self.weightings.values()}
         for weighting in unique.values():
             weighting.step(n)

@@ -93,9 +93,10 @@ class ViewTags:
         image: ``(N,)`` int64 >= 0 or ``None``, id of the source image; patches of
             one image are never each other's negatives.
 
-    Sequences are converted with :func:`torch.as_tensor`; floating-point values raise
-    :class:`TypeError`. All fields must have the same shape (normally ``(N,)``; the
-    index returns ``(N, k)`` tags of its hits) and live on one device.
+    Sequences are converted with :func:`torch.as_tensor`; floating-point values, and ``None``
+    for ``kind``, ``quality`` or ``source``, raise :class:`TypeError`. All fields must have the
+    same shape (normally ``(N,)``; the index returns ``(N, k)`` tags of its hits) and live on
+    one device.
 
     Examples:
         >>> tags = ViewTags(kind=[1, 1, 0], quality=[0, 1, 0], source=[0, 0, 1])
@@ -123,6 +124,9 @@ class ViewTags:
         *,
         validate: bool = True,
     ) -> None:
+        for name, required in (("kind", kind), ("quality", quality), ("source", source)):
+            if required is None:
+                raise TypeError(f"Expected `{name}` to be an integer tensor or sequence (it is required), but got None")
         device = kind.device if isinstance(kind, Tensor) else None
         values = {"kind": kind, "quality": quality, "source": source, "label": label, "image": image}
         for name, value in values.items():

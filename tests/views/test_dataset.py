@@ -118,6 +118,10 @@ def test_record_from_file_path(tmp_path) -> None:  # noqa: ANN001
 def test_collate_and_dataset_validation() -> None:
     with pytest.raises(ValueError, match="empty"):
         collate_four_views([])
+    small = FourViewSampler(patch_size=8, augment=None)(random_image(), BOXES, degraded=random_image(2))
+    large = FourViewSampler(patch_size=P, augment=None)(random_image(), BOXES, degraded=random_image(2))
+    with pytest.raises(ValueError, match=r"views of one shape.*item 0 has \(3, 8, 8\) and item 1 has \(3, 16, 16\)"):
+        collate_four_views([small, large])
     with pytest.raises(TypeError, match="sampler"):
         FourViewDataset([], sampler=None)  # type: ignore[arg-type]
     data = FourViewDataset([FourViewRecord(image=random_image(), boxes=BOXES)], FourViewSampler(patch_size=P))

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from mlcl_losses.self_paced._checks import check_hardness, check_positive
+from mlcl_losses.self_paced._checks import check_hardness, check_positive, check_zeta
 from mlcl_losses.self_paced._exact_pace import ceil_to_dtype
 
 __all__ = ["REGULARIZERS", "Regularizer", "self_paced_weights"]
@@ -40,7 +40,8 @@ def self_paced_weights(
         Weights of ``hardness``'s shape and dtype, in ``[0, 1]``.
 
     Raises:
-        TypeError: ``hardness`` is not a floating-point tensor.
+        TypeError: ``hardness`` is not a floating-point tensor, or ``lam``, ``zeta`` or
+            ``mixture_c`` is not a real number (a string, a bool).
         ValueError: ``hardness`` contains NaN, or an option is out of range.
 
     Examples:
@@ -56,8 +57,7 @@ def self_paced_weights(
     if regularizer not in REGULARIZERS:
         raise ValueError(f"Expected `regularizer` in {REGULARIZERS}, but got {regularizer!r}")
     lam = check_positive("lam", lam, allow_inf=True)
-    if not (0.0 < zeta < 1.0):
-        raise ValueError(f"Expected `zeta` in (0, 1), but got {zeta}")
+    zeta = check_zeta(zeta)
     check_positive("mixture_c", mixture_c)
     one, zero = torch.ones_like(hardness), torch.zeros_like(hardness)
     if math.isinf(lam):

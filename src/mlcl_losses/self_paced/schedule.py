@@ -2,13 +2,13 @@ r"""The pace schedule: how :math:`\lambda_t` grows with the step, and its state 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torch import Tensor
 
-from mlcl_losses.self_paced._checks import check_positive
+from mlcl_losses.self_paced._checks import check_positive, check_steps
 from mlcl_losses.self_paced._exact_pace import quantile_pace
 
 __all__ = ["PaceSchedule", "ScheduleKind"]
@@ -130,8 +130,12 @@ class PaceSchedule:
             t: the step.
             hardness: for quantile schedules, the current candidates' hardness (any shape,
                 only the candidates: filter with a mask first).
+
+        Raises:
+            TypeError: ``t`` not an int (a bool or a float is refused).
+            ValueError: ``t`` < 0, or a quantile schedule without ``hardness``.
         """
-        t = self.step_count if t is None else int(t)
+        t = self.step_count if t is None else check_steps("t", t)
         if self.kind == "constant":
             lam = float(self.params["lam"])
         elif self.kind == "step":
@@ -147,8 +151,13 @@ class PaceSchedule:
         return lam
 
     def advance(self, n: int = 1) -> None:
-        """Move the schedule ``n`` steps forward."""
-        self.step_count += int(n)
+        """Move the schedule ``n`` steps forward.
+
+        Raises:
+            TypeError: ``n`` not an int (a bool or ``2.5`` is refused, not truncated).
+            ValueError: ``n`` < 0 (the pace never moves backwards).
+        """
+        self.step_count += check_steps("n", n)
 
     def state_dict(self) -> dict[str, Any]:
         """State to resume from: ``{"kind": str, "step_count": int, "last_lam": float}`` (``weights_only``-safe).
@@ -157,10 +166,30 @@ class PaceSchedule:
         """
         return {"kind": self.kind, "step_count": int(self.step_count), "last_lam": float(self.last_lam)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (the schedule ``kind`` must match)."""
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the schedule ``kind`` must match).
+
+        Raises:
+            TypeError: ``state`` not a mapping, or a value of the wrong type.
+            ValueError: another schedule ``kind``, a missing ``step_count`` / ``last_lam``, or a
+                negative ``step_count``.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"Expected `state` to be a dict from PaceSchedule.state_dict(), but got {type(state).__name__}"
+            )
+        missing = [key for key in ("step_count", "last_lam") if key not in state]
+        if missing:
+            raise ValueError(
+                f"Expected `state` from PaceSchedule.state_dict() with keys 'kind', 'step_count' and 'last_lam', "
+                f"but {missing} are missing (got keys {sorted(state)})"
+            )
         kind = state.get("kind", self.kind)
         if kind != self.kind:
             raise ValueError(f"Cannot load the state of a {kind!r} schedule into a {self.kind!r} schedule")
-        self.step_count = int(state["step_count"])
-        self.last_lam = float(state["last_lam"])
+        step_count = check_steps("state['step_count']", state["step_count"])
+        try:
+            last_lam = float(state["last_lam"])
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"Expected `state['last_lam']` to be a float, but got {state['last_lam']!r}") from err
+        self.step_count, self.last_lam = step_count, last_lam

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from mlcl_losses.self_paced._checks import check_hardness, check_positive
+from mlcl_losses.self_paced._checks import check_hardness, check_positive, check_steps, check_zeta
 from mlcl_losses.self_paced._exact_pace import ceil_to_dtype, pace_above, quantile_rank
 from mlcl_losses.self_paced.regularizers import REGULARIZERS, Regularizer, self_paced_weights
 from mlcl_losses.self_paced.schedule import PaceSchedule
@@ -107,8 +107,7 @@ class SelfPacedWeighting(nn.Module):
             raise ValueError(f"Expected `hardness` in {_HARDNESS}, but got {hardness!r}")
         if schedule is not None and not isinstance(schedule, PaceSchedule):
             raise TypeError(f"Expected `schedule` to be a PaceSchedule, but got {type(schedule).__name__}")
-        if not (0.0 < zeta < 1.0):
-            raise ValueError(f"Expected `zeta` in (0, 1), but got {zeta}")
+        zeta = check_zeta(zeta)
         self.regularizer: Regularizer = regularizer
         self.schedule = schedule if schedule is not None else PaceSchedule.constant(1.0)
         self.target: Target = target
@@ -143,7 +142,7 @@ class SelfPacedWeighting(nn.Module):
         """
         if not self.schedule.needs_hardness:
             return None
-        t = self.schedule.step_count if step is None else int(step)
+        t = self.schedule.step_count if step is None else check_steps("step", step)
         return quantile_rank(int(count), self.schedule._fraction(t))
 
     def frozen(self, kth: Tensor | None = None, step: int | None = None) -> FrozenWeighting:
@@ -184,6 +183,11 @@ class SelfPacedWeighting(nn.Module):
 
         Returns:
             Weights of ``hardness``'s shape and dtype (detached).
+
+        Raises:
+            TypeError: ``hardness`` not a float tensor, ``mask`` not a bool tensor, ``step`` not an int.
+            ValueError: NaN in ``hardness``, a shape other than the target's, ``mask`` of another
+                shape, or ``step`` < 0.
         """
         hardness = check_hardness(hardness)
         expected_dim = 1 if self.target == "anchors" else 2
@@ -202,11 +206,17 @@ class SelfPacedWeighting(nn.Module):
                 )
         h = self.clamp(hardness.detach())
         candidates = h if mask is None else h[mask]
+        step = None if step is None else check_steps("step", step)
         lam = self.schedule.value(step, candidates if self.schedule.needs_hardness else None)
         return self_paced_weights(h, lam, self.regularizer, self.zeta, self.mixture_c)
 
     def step(self, n: int = 1) -> None:
-        """Advance the pace by ``n`` steps."""
+        """Advance the pace by ``n`` steps.
+
+        Raises:
+            TypeError: ``n`` not an int (a bool or ``2.5`` is refused, not truncated).
+            ValueError: ``n`` < 0 (the pace never moves backwards).
+        """
         self.schedule.advance(n)
 
     def get_extra_state(self) -> dict[str, Any]:

@@ -179,12 +179,23 @@ def collate_four_views(batch: Sequence[FourViews]) -> FourViews:
     Returns:
         :class:`FourViews` with ``views (B, C, P, P)`` float and ``tags`` of length ``B``,
         the total number of views.
+
+    Raises:
+        TypeError: an item that is not :class:`FourViews`.
+        ValueError: an empty ``batch``, or items whose views differ in shape ``(C, P, P)``.
     """
     if len(batch) == 0:
         raise ValueError("Expected at least one item to collate, but got an empty batch")
     for item in batch:
         if not isinstance(item, FourViews):
             raise TypeError(f"Expected FourViews items, but got {type(item).__name__}")
+    first = tuple(batch[0].views.shape[1:])
+    for j, item in enumerate(batch):
+        if tuple(item.views.shape[1:]) != first:
+            raise ValueError(
+                f"Expected every item of `batch` to have views of one shape (C, P, P), but item 0 has {first} and "
+                f"item {j} has {tuple(item.views.shape[1:])}: use one patch size (and channel count) per batch"
+            )
     per_item = [item.tags.source.unique() for item in batch]
     merged = torch.cat(per_item)
     if merged.unique().numel() == merged.numel():  # dataset-wide ids already unique: keep them
