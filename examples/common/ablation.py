@@ -19,12 +19,15 @@ RESULTS.md section::
     python -m examples.common.ablation render runs/ablation examples/eyeq/RESULTS.md --name ablation
 
 With ``--reference`` the default's repeats are read from a finished comparison (its ``comcl``
-runs) instead of being run again. Aggregation checks that each variant's configuration differs from
-the reference's only in the keys the variant sets (and in run-time settings), so a stray difference
-can not pass as the variant's effect. ``run`` writes ``OUT/ablation.json`` (per variant: label,
-overrides, mean metrics, pre-training loss per epoch, the paired differences with 95 % t-intervals),
-``OUT/ablation.md`` and ``OUT/ablation_<headline>.png`` (the paired differences of the task's headline
-metric: ``ablation_kappa.png`` for EyeQ, ``ablation_mean_auc.png`` for ChestX-ray14).
+runs) instead of being run again. Before anything runs, every variant's configuration is loaded
+as its run will load it, so a bad override stops the command at once
+(:func:`~examples.common.ablation_variants.check_run`). Aggregation checks that each variant's
+configuration differs from the reference's only in the keys the variant sets (and in run-time
+settings), so a stray difference can not pass as the variant's effect. ``run`` writes
+``OUT/ablation.json`` (per variant: label, overrides, mean metrics, pre-training loss per epoch,
+the paired differences with 95 % t-intervals), ``OUT/ablation.md`` and
+``OUT/ablation_<headline>.png`` (the paired differences of the task's headline metric:
+``ablation_kappa.png`` for EyeQ, ``ablation_mean_auc.png`` for ChestX-ray14).
 """
 
 from __future__ import annotations
@@ -34,101 +37,32 @@ import copy
 import json
 import math
 import os
-import re
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from examples.common.ablation_variants import METHOD, REFERENCE, REPO, Variant, check_run, load_variants, train_script
 from examples.common.paired import paired_differences, paired_table, plot_paired
 from examples.common.results_md import epoch_losses, replace_section, run_seconds, task_of
-from examples.common.yaml_files import safe_load_unique
 
-__all__ = ["Variant", "aggregate", "config_differences", "load_variants", "main", "render_section", "run_variants"]
+__all__ = [
+    "Variant",
+    "aggregate",
+    "check_run",
+    "config_differences",
+    "load_variants",
+    "main",
+    "render_section",
+    "run_variants",
+]
 
-REPO = Path(__file__).resolve().parents[2]
-REFERENCE = "default"
-METHOD = "comcl"
 # keys that may differ between a variant and the reference: where and how a run ran, not what it computed
 RUNTIME_KEYS = ("run.", "data.synthetic.cache_dir", "data.synthetic.workers")
-_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One ablation variant: a folder name, a label for tables and its ``--set KEY=VALUE`` overrides.
-
-    ``method`` names a method of the reference comparison whose runs *are* this variant (e.g.
-    ``comcl_no_spl``): nothing is run for it, its repeats are read from the reference.
-    """
-
-    name: str
-    label: str
-    overrides: tuple[str, ...]
-    method: str | None = None
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        """The configuration keys the variant sets."""
-        return tuple(o.split("=", 1)[0].strip() for o in self.overrides)
-
-
-def load_variants(path: str | Path) -> dict[str, Variant]:
-    """The variants of a YAML file (name -> ``{label: str, set: [KEY=VALUE, ...]}``), ``default`` first.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: not valid YAML (a variant or key written twice among it), not a mapping, a name
-            that is not a folder-safe lower-case word, an entry without a string ``label`` or with
-            ``set`` not a list of ``KEY=VALUE`` strings, no ``default`` entry, a ``default`` that sets
-            anything, or two variants with the same overrides.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--variants: {str(p)!r} is not a file")
-    try:
-        raw = safe_load_unique(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ValueError(f"--variants: {p} is not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"{p}: expected a mapping of variant name -> {{label, set}}, but got {type(raw).__name__}")
-    variants: dict[str, Variant] = {}
-    for name, entry in raw.items():
-        where = f"{p}: variant {name!r}"
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise ValueError(f"{where}: expected a name of lower-case letters, digits, '_', '.', '-'")
-        if (
-            not isinstance(entry, dict)
-            or set(entry) - {"label", "set", "method"}
-            or not isinstance(entry.get("label"), str)
-        ):
-            raise ValueError(f"{where}: expected {{label: str, set: [KEY=VALUE, ...]}}, but got {entry!r}")
-        sets = entry.get("set", [])
-        if not isinstance(sets, list) or not all(isinstance(s, str) and "=" in s for s in sets):
-            raise ValueError(f"{where}: expected `set` to be a list of 'KEY=VALUE' strings, but got {sets!r}")
-        method = entry.get("method")
-        if method is not None and (not isinstance(method, str) or sets or method == METHOD):
-            raise ValueError(f"{where}: `method` names another method of the reference comparison, without `set`")
-        variants[name] = Variant(name, entry["label"], tuple(sets), method)
-    if REFERENCE not in variants:
-        raise ValueError(f"{p}: expected a {REFERENCE!r} variant (the reference, with `set: []`)")
-    if variants[REFERENCE].overrides:
-        raise ValueError(
-            f"{p}: the {REFERENCE!r} variant is the reference and sets nothing, got {variants[REFERENCE].overrides}"
-        )
-    seen: dict[tuple[str, ...], str] = {}
-    for v in variants.values():
-        key = (v.method or "", *sorted("=".join(part.strip() for part in o.split("=", 1)) for o in v.overrides))
-        if key in seen:
-            raise ValueError(f"{p}: variants {seen[key]!r} and {v.name!r} set the same overrides {list(key[1:])}")
-        seen[key] = v.name
-    return {REFERENCE: variants[REFERENCE]} | {k: v for k, v in variants.items() if k != REFERENCE}
 
 
 def _command(
@@ -153,9 +87,9 @@ def run_variants(
     skip_reference: bool = False,
 ) -> list[str]:
     """Run every variant (``jobs`` at a time); returns the names of those that failed (see their logs)."""
-    train = REPO / "examples" / pipeline / "train.py"
-    if not train.is_file():
-        raise ValueError(f"`pipeline`: expected a folder of examples/ with a train.py, but got {pipeline!r}")
+    train = train_script(pipeline)
+    if jobs < 1:
+        raise ValueError(f"`jobs`: expected an int >= 1, but got {jobs}")
     out.mkdir(parents=True, exist_ok=True)
     todo = [v for v in variants.values() if v.method is None and not (skip_reference and v.name == REFERENCE)]
     failed: list[str] = []
@@ -166,12 +100,20 @@ def run_variants(
         start = time.perf_counter()
         with (out / f"{v.name}.log").open("a", encoding="utf-8") as log:
             rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, check=False).returncode
-        state = "done" if rc == 0 else f"FAILED (exit {rc}; see {out / (v.name + '.log')})"
+        log_name = out / f"{v.name}.log"
+        if rc == 0:
+            state = "done"
+        elif rc in (130, -signal.SIGINT):  # Ctrl-C: the pipeline stopped (its finished repeats are kept)
+            state = f"interrupted (exit {rc}); the same command continues it"
+        elif rc < 0:
+            state = f"killed by signal {signal.Signals(-rc).name} (exit {rc}; see {log_name})"
+        else:
+            state = f"FAILED (exit {rc}; see {log_name})"
         print(f"[{i}/{len(todo)}] {v.name}: {state} in {time.perf_counter() - start:.0f} s", flush=True)
         if rc != 0:
             failed.append(v.name)
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(lambda a: one(*a), enumerate(todo, 1)))
     return failed
 
@@ -393,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise FileNotFoundError(f"--config: {str(args.config)!r} is not a file")
             if args.seeds < 2:
                 raise ValueError(f"--seeds: expected >= 2 repeats (a paired interval needs two), but got {args.seeds}")
+            reference_methods = _read(args.reference)[0] if args.reference is not None else None
+            check_run(
+                args.pipeline, args.config, variants, args.seed, args.out, args.overrides, args.jobs, reference_methods
+            )
             failed = run_variants(
                 args.pipeline,
                 args.config,
@@ -405,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
                 skip_reference=args.reference is not None,
             )
             if failed:
-                print(f"error: variants failed: {failed}", file=sys.stderr)
+                print(
+                    f"error: variants failed or were stopped: {failed} (see their logs in {args.out})", file=sys.stderr
+                )
                 return 1
         aggregate(args.out, variants, args.reference)
         print(f"wrote {args.out / 'ablation.json'}, {args.out / 'ablation.md'}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -279,3 +280,91 @@ def test_render_anywhere_and_say_when_a_section_is_new(tmp_path: Path, capsys: p
     assert "rewrote section 'ablation'" in capsys.readouterr().out
     assert main(["render", str(tmp_path / "abl"), str(tmp_path), "--name", "ablation"]) == 2
     assert main(["render", str(tmp_path / "nothing"), str(md)]) == 2
+
+
+# ---------------------------------------------------------------- checks before anything runs
+
+
+@pytest.mark.parametrize(
+    ("variants", "extra", "message"),
+    [
+        ("k: {label: k, set: [pretrain.kk=4]}\n", [], "variant 'k' (--set pretrain.kk=4): pretrain.kk: unknown key"),
+        (
+            "k: {label: k, set: [pretrain.k=0]}\n",
+            [],
+            "variant 'k' (--set pretrain.k=0): pretrain.k: expected an int >= 1",
+        ),
+        ("", ["--set", "foo"], "variant 'default' (--set foo): override 'foo': expected key=value"),
+        ("", ["--seed", "-3"], "--seed: expected an int >= 0 (the first training seed), but got -3"),
+        ("", ["--jobs", "0"], "--jobs: expected an int >= 1 (variants run at once), but got 0"),
+        ("", ["--jobs", "-2"], "--jobs: expected an int >= 1 (variants run at once), but got -2"),
+        ("spl_off: {label: w/o SPL, method: comcl_no_spl}\n", [], "variant 'spl_off' (method: comcl_no_spl) is read"),
+        ("", ["--out", "/dev/null"], "--out: expected a directory, but /dev/null is not one"),
+    ],
+    ids=[
+        "unknown-key",
+        "bad-value",
+        "set-without-value",
+        "seed",
+        "jobs-0",
+        "jobs-negative",
+        "method-needs-reference",
+        "out-file",
+    ],
+)
+def test_run_checks_every_variant_before_anything_runs(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    variants: str,
+    extra: list[str],
+    message: str,
+) -> None:
+    def no_run(*_args: Any, **_kwargs: Any) -> None:
+        raise AssertionError("a variant was started before the configuration was checked")
+
+    monkeypatch.setattr("examples.common.ablation.subprocess.run", no_run)
+    path = _variants(tmp_path, "default: {label: CoMCL, set: []}\n" + variants)
+    out = tmp_path / "abl"
+    args = ["run", "--pipeline", "eyeq", "--config", str(TINY), "--variants", str(path), "--seeds", "2"]
+    assert main([*args, "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1  # one line
+    assert not out.exists()  # nothing written
+
+
+def test_a_method_variant_needs_its_method_in_the_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _comparison(tmp_path / "bench", [_run(0, 0.8, 0.5), _run(1, 0.7, 0.4)], CONFIG, [1.0])
+    path = _variants(tmp_path, "default: {label: CoMCL}\nspl_off: {label: w/o SPL, method: comcl_no_spl}\n")
+    args = ["run", "--pipeline", "eyeq", "--config", str(TINY), "--variants", str(path), "--seeds", "2"]
+    assert main([*args, "--out", str(tmp_path / "abl"), "--reference", str(tmp_path / "bench")]) == 2
+    assert (
+        "variant 'spl_off': expected the --reference comparison to have 'comcl_no_spl' runs, but it has ['comcl']"
+        in (capsys.readouterr().err)
+    )
+
+
+@pytest.mark.parametrize(
+    ("code", "state"),
+    [
+        (-2, "interrupted (exit -2)"),
+        (130, "interrupted (exit 130)"),
+        (-9, "killed by signal SIGKILL"),
+        (1, "FAILED (exit 1"),
+    ],
+)
+def test_a_stopped_variant_is_named_for_what_happened(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, code: int, state: str
+) -> None:
+    monkeypatch.setattr(
+        "examples.common.ablation.subprocess.run", lambda cmd, **_: subprocess.CompletedProcess(cmd, code)
+    )
+    variants = load_variants(_variants(tmp_path, "default: {label: CoMCL}\nk8: {label: k, set: [pretrain.k=8]}\n"))
+    assert run_variants("eyeq", TINY, variants, 0, 2, tmp_path / "abl") == ["default", "k8"]
+    printed = capsys.readouterr().out
+    assert f"default: {state}" in printed
+    if code != 1:
+        assert "FAILED" not in printed
+    with pytest.raises(ValueError, match="`jobs`: expected an int >= 1, but got 0"):
+        run_variants("eyeq", TINY, variants, 0, 2, tmp_path / "abl", jobs=0)
