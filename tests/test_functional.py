@@ -1127,6 +1127,18 @@ BAD_INPUTS = [
         ValueError,
         "impl='fused'",
     ),
+    (
+        "candidates-above-bank",
+        lambda b, dev: {"bank": _bank(dev), "candidates": torch.tensor([[0, 1, 3]] * 6, device=dev)},
+        ValueError,
+        r"`candidates` in \[-1, 2\] \(-1 = padding, else a row of the bank of 3 entries\), but got 3",
+    ),
+    (
+        "candidates-below-padding",
+        lambda b, dev: {"bank": _bank(dev), "candidates": torch.tensor([[0, -2, 1]] * 6, device=dev)},
+        ValueError,
+        r"`candidates` in \[-1, 2\].*but got -2",
+    ),
     ("backend", lambda b, dev: {"backend": "cuda"}, ValueError, "`backend`"),
     ("block-rows", lambda b, dev: {"block_rows": 0}, ValueError, "`block_rows`"),
     ("block-cols-type", lambda b, dev: {"block_cols": 2.0}, TypeError, "`block_cols`"),

@@ -403,6 +403,28 @@ def test_keys_without_index_raise() -> None:
         criterion(z, tags, keys=z)
 
 
+def test_index_inputs_are_checked_even_while_the_index_is_empty() -> None:
+    from mlcl_losses.index import HardNegativeIndex
+
+    z, tags = batch(torch.device("cpu"))  # D = 8
+    criterion = MultiLevelContrastiveLoss(index=HardNegativeIndex(dim=16, capacity=32, backend="torch"), k=4)
+    with pytest.raises(ValueError, match=r"`embeddings` of dimension 16 \(the `dim` of the loss's index\).*\(15, 8\)"):
+        criterion(z, tags)
+    z16 = torch.randn(len(tags), 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"`keys` of dimension 16.*\(15, 8\)"):
+        criterion(z16, tags, keys=z)
+    with pytest.raises(ValueError, match=r"`keys` without `key_tags`.*\(15\), but got 3"):
+        criterion(z16, tags, keys=z16[:3])
+    with pytest.raises(ValueError, match=r"`key_tags` were given without `keys`"):
+        criterion(z16, tags, key_tags=tags)
+    with pytest.raises(ValueError, match=r"`key_tags` were given without `keys`"):
+        MultiLevelContrastiveLoss()(z, tags, key_tags=tags)
+    assert criterion.index is not None
+    assert len(criterion.index) == 0  # nothing was enqueued
+    criterion(z16, tags, keys=z16)
+    assert len(criterion.index) == len(tags)
+
+
 def test_k_larger_than_index_capacity_raises() -> None:
     from mlcl_losses.index import HardNegativeIndex
 

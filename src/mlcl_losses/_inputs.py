@@ -102,7 +102,11 @@ def check_candidates(candidates: list[Tensor | None], n: int, m: int) -> None:
         if cand.shape[0] != n:
             raise ValueError(f"Expected `candidates` with {n} rows (one per embedding), but got {cand.shape[0]}")
         if cand.numel() and (int(cand.min()) < -1 or int(cand.max()) >= m):
-            raise ValueError(f"Expected `candidates` in [-1, {m - 1}], but got values outside")
+            bad = int(cand.min()) if int(cand.min()) < -1 else int(cand.max())
+            raise ValueError(
+                f"Expected `candidates` in [-1, {m - 1}] (-1 = padding, else a row of the bank of {m} entries), "
+                f"but got {bad}"
+            )
 
 
 def check_pair_mask(pair_mask: object, n: int, bank_z: Tensor | None, candidates: list[Tensor | None]) -> None:

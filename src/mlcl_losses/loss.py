@@ -312,7 +312,17 @@ class MultiLevelContrastiveLoss(nn.Module):
 
         Raises:
             RuntimeError: with ``gather_distributed=True`` outside an initialised process group.
+            ValueError: ``keys`` without an ``index``, ``key_tags`` without ``keys``, ``keys`` without
+                ``key_tags`` whose length is not ``N``, or ``embeddings`` / ``keys`` whose dimension is
+                not the index's ``dim`` (checked even while the index is empty); and every error of
+                :func:`~mlcl_losses.functional.multilevel_info_nce`.
+
+        With float16 embeddings of tiny norm and a small temperature, the gradient (of size
+        ``1 / (temperature * norm)``) can exceed float16's range (65504) and become inf: that is
+        what mixed-precision training's ``torch.amp.GradScaler`` is for (it skips such steps and
+        lowers the scale).
         """
+        self._check_index_inputs(embeddings, tags, keys, key_tags)
         negative_weights, anchor_weights = self._level_options()
         local_tags = tags
         if self.gather_distributed:
@@ -355,11 +365,32 @@ class MultiLevelContrastiveLoss(nn.Module):
                 embeddings.shape[0],
                 [level.name for level in self.levels],
             )
-        if keys is not None:
-            if self.index is None:
-                raise ValueError("`keys` are enqueued into the index, but this loss has no `index`")
+        if keys is not None and self.index is not None:
             self.index.add(keys.detach(), local_tags if key_tags is None else key_tags)
         return loss, stats
+
+    def _check_index_inputs(self, embeddings: Tensor, tags: ViewTags, keys: Tensor | None, key_tags: object) -> None:
+        """``keys`` / ``key_tags`` and the dimension the index holds, checked before any work (an empty index too)."""
+        if key_tags is not None and keys is None:
+            raise ValueError(
+                "`key_tags` were given without `keys`: they tag the keys to enqueue into the index; pass `keys` too"
+            )
+        if self.index is None:
+            if keys is not None:
+                raise ValueError("`keys` are enqueued into the index, but this loss has no `index`")
+            return
+        dim = self.index.dim
+        for name, value in (("embeddings", embeddings), ("keys", keys)):
+            if isinstance(value, Tensor) and value.dim() == 2 and value.shape[1] != dim:
+                raise ValueError(
+                    f"Expected `{name}` of dimension {dim} (the `dim` of the loss's index), but got shape "
+                    f"{tuple(value.shape)}"
+                )
+        if isinstance(keys, Tensor) and key_tags is None and isinstance(tags, ViewTags) and keys.shape[0] != len(tags):
+            raise ValueError(
+                f"`keys` without `key_tags` take the batch's `tags`, so they need as many rows ({len(tags)}), "
+                f"but got {keys.shape[0]}; pass `key_tags`"
+            )
 
     def extra_repr(self) -> str:
         """Levels and temperature."""

@@ -115,6 +115,22 @@ def test_record_from_file_path(tmp_path) -> None:  # noqa: ANN001
     )
 
 
+def test_dataset_negative_indices_count_from_the_end() -> None:
+    data = _dataset(n=3)
+    for negative, positive in ((-1, 2), (-3, 0)):
+        views, tags = data[negative]
+        expected_views, expected_tags = data[positive]
+        assert torch.equal(views, expected_views)
+        assert tags.equal(expected_tags)
+    for bad in (3, -4):
+        with pytest.raises(IndexError, match=rf"`index` in \[-3, 3\) \(3 records\), but got {bad}"):
+            data[bad]
+    with pytest.raises(TypeError, match=r"`index` to be an int, but got float 1.0"):
+        data[1.0]  # type: ignore[index]
+    with pytest.raises(TypeError, match=r"`index` to be an int, but got bool"):
+        data[True]
+
+
 def test_collate_and_dataset_validation() -> None:
     with pytest.raises(ValueError, match="empty"):
         collate_four_views([])

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -133,7 +134,22 @@ class FourViewDataset(Dataset[FourViews]):
         return len(self.records)
 
     def __getitem__(self, index: int) -> FourViews:
-        """Views of record ``index``; sources are local (0 ..), made unique by the collate function."""
+        """Views of record ``index`` (negative indices count from the end, as for a list).
+
+        Raises:
+            TypeError: ``index`` not an int.
+            IndexError: ``index`` outside ``[-len(self), len(self))``.
+        """
+        try:
+            if isinstance(index, bool):
+                raise TypeError
+            index = operator.index(index)  # an int, a numpy integer or a 0-dim integer tensor
+        except TypeError:
+            raise TypeError(f"Expected `index` to be an int, but got {type(index).__name__} {index!r}") from None
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"Expected `index` in [{-n}, {n}) ({n} records), but got {index}")
+        index %= n  # a negative index names the same record (and the same seed and source ids) as its positive
         record = self.records[index]
         if not isinstance(record, FourViewRecord):
             raise TypeError(f"Expected records to be FourViewRecord, but record {index} is {type(record).__name__}")
