@@ -90,7 +90,13 @@ def summary(a: list[dict[str, float]], b: list[dict[str, float]]) -> dict[str, A
 
 def _steps(folder: Path) -> list[dict[str, float]]:
     """The per-step records of a run of this script; ValueError naming the folder when it has none."""
+    if not folder.exists():
+        raise ValueError(f"--plot: expected a run folder of this script, but {folder} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"--plot: expected a run folder of this script, but {folder} is not a directory")
     path = folder / "steps.json"
+    if not path.is_file():
+        raise ValueError(f"--plot: expected a run folder of this script, but {folder} has no steps.json")
     try:
         steps = json.loads(path.read_text(encoding="utf-8"))["steps"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -108,6 +114,11 @@ def plot(dir_a: Path, dir_b: Path, png: Path) -> dict[str, Any]:
     import matplotlib.pyplot as plt
 
     a, b = (_steps(d) for d in (dir_a, dir_b))
+    if png.is_dir():
+        raise ValueError(f"--out: expected the PNG file to write, but {png} is a directory")
+    for part in png.parents:
+        if part.exists() and not part.is_dir():
+            raise ValueError(f"--out: expected a PNG file in a directory, but {part} is a file")
     png.parent.mkdir(parents=True, exist_ok=True)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 5.5), dpi=120, sharex=True)
     for steps, name in ((a, dir_a.name), (b, dir_b.name)):

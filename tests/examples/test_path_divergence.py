@@ -46,3 +46,38 @@ def test_fused_and_reference_paths_agree_at_every_step(tmp_path: Path, cache_dir
     bad = tmp_path / "bad"  # a failed pipeline run: its error, no traceback, no steps.json
     assert main(["--config", str(tmp_path / "nope.yaml"), "--out", str(bad)]) == 2
     assert not (bad / "steps.json").exists()
+
+
+def test_plot_names_what_is_wrong_with_its_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    steps = [
+        {"loss": 1.0, "twin_loss": 1.0, "grad_rel_diff": 1e-7},
+        {"loss": 0.9, "twin_loss": 0.9, "grad_rel_diff": 2e-7},
+    ]
+    (run / "steps.json").write_text(json.dumps({"steps": steps}), encoding="utf-8")
+    png = tmp_path / "plots" / "paths.png"
+    assert main(["--plot", str(run), str(run), "--out", str(png)]) == 0
+    assert png.stat().st_size > 0
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "steps.json").write_text("{oops", encoding="utf-8")
+    cases = [
+        ([str(tmp_path / "nonexist"), str(run)], png, f"{tmp_path / 'nonexist'} does not exist"),
+        ([str(run), str(tmp_path / "file")], png, f"{tmp_path / 'file'} is not a directory"),
+        ([str(run), str(tmp_path / "empty")], png, f"{tmp_path / 'empty'} has no steps.json"),
+        ([str(run), str(tmp_path / "bad")], png, "is not the steps.json of a run of this script"),
+        ([str(run), str(run)], tmp_path / "plots", f"--out: expected the PNG file to write, but {tmp_path / 'plots'}"),
+        (
+            [str(run), str(run)],
+            tmp_path / "file" / "p.png",
+            f"--out: expected a PNG file in a directory, but {tmp_path / 'file'}",
+        ),
+    ]
+    for dirs, out, message in cases:
+        assert main(["--plot", *dirs, "--out", str(out)]) == 2, message
+        err = capsys.readouterr().err
+        assert message in err
+        assert err.count("\n") == 1
