@@ -102,10 +102,10 @@ class MultiLevelInfoNCELoss(BaseMetricLossFunction):
             ``labels`` not packed tags, plain class labels (every value of ``labels`` and
             ``ref_labels`` in ``[0, 3]``: decoded, one source and no label, so the loss would be
             0 whatever the embeddings), ``indices_tuple`` indices out of range.
+        TypeError: ``indices_tuple`` of non-integer tensors.
 
     A batch in which no level has an anchor with a positive and a negative gives loss 0 and
     logs a warning (``logging.getLogger("mlcl_losses.pml")``, once per loss, then at debug level).
-        TypeError: ``indices_tuple`` of non-integer tensors.
 
     Examples:
         >>> from mlcl_losses import Level, ViewTags
