@@ -24,6 +24,7 @@ import hashlib
 import io
 import os
 import random
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -204,9 +205,13 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
                 f"{p}: checkpoint format version {old!r}, but this code reads version {VERSION}; "
                 "start the run again (--overwrite) or use the version of the code that wrote it"
             ) from err
-        raise CheckpointError(
-            f"cannot read checkpoint {p} safely ({type(err).__name__}: {str(err).splitlines()[0]})"
-        ) from err
+        if not zipfile.is_zipfile(p):  # e.g. a YAML file given as the run; torch's message would advise unpickling
+            raise CheckpointError(
+                f"cannot read checkpoint {p}: it is not a checkpoint (not the zip archive torch.save writes; "
+                "expected a run's checkpoint.pt)"
+            ) from err
+        first = str(err).split(". ", 1)[0].splitlines()[0] if str(err) else ""  # not torch's advice to unpickle
+        raise CheckpointError(f"cannot read checkpoint {p} safely ({type(err).__name__}: {first})") from err
     if not isinstance(outer, dict) or outer.get("format") != FORMAT:
         raise CheckpointError(f"{p} is not a checkpoint of the example pipelines")
     if outer.get("version") != VERSION:

@@ -26,6 +26,10 @@ __all__ = ["METHOD_CHOICES", "PipelineCLI", "RunConfig", "build_parser", "cached
 METHOD_CHOICES = COMPARE_METHODS
 _DIGITS = re.compile(r"[0-9]+")  # ASCII digits only (str.isdigit admits e.g. "²")
 REPO = Path(__file__).resolve().parents[2]
+SEED_LIMIT = 2**31
+"""Seeds are ints in ``[0, SEED_LIMIT)`` (every RNG of torch, NumPy and Python takes them)."""
+MAX_SEEDS = 10_000
+"""At most this many seeds (repeats) in one command."""
 
 
 @dataclass
@@ -42,6 +46,7 @@ class RunConfig:
 
     def validate(self, key: str) -> None:
         check(self.method in METHOD_CHOICES, f"{key}.method", f"one of {METHOD_CHOICES}", self.method)
+        check(0 <= self.seed < SEED_LIMIT, f"{key}.seed", f"an int in [0, 2**31 = {SEED_LIMIT})", self.seed)
         check(self.num_workers >= 0, f"{key}.num_workers", "an int >= 0", self.num_workers)
         check(
             self.torch_threads is None or self.torch_threads >= 1,
@@ -169,15 +174,21 @@ def parse_seed_list(text: str) -> list[int]:
         [0, 1, 2, 8, 10, 11]
 
     Raises:
-        ConfigError: an empty list, a part that is not an int >= 0 or a range ``a-b`` with ``a <= b``, or a
-            seed given twice.
+        ConfigError: an empty list, a part that is not an int >= 0 or a range ``a-b`` with ``a <= b``, a seed
+            of :data:`SEED_LIMIT` or more, more than :data:`MAX_SEEDS` seeds, or a seed given twice.
     """
-    seeds: list[int] = []
+    parts = []
     for part in (p.strip() for p in text.split(",")):
         lo, _, hi = part.partition("-")
         if not _DIGITS.fullmatch(lo) or (hi and not _DIGITS.fullmatch(hi)) or (hi and int(hi) < int(lo)):
             raise ConfigError(f"--seed-list: expected ints >= 0 and ranges a-b (a <= b), comma-separated, got {text!r}")
-        seeds += range(int(lo), int(hi or lo) + 1)
+        if int(hi or lo) >= SEED_LIMIT:
+            raise ConfigError(f"--seed-list: expected seeds below 2**31 = {SEED_LIMIT}, got {part!r} in {text!r}")
+        parts.append((int(lo), int(hi or lo)))
+    count = sum(hi - lo + 1 for lo, hi in parts)
+    if count > MAX_SEEDS:
+        raise ConfigError(f"--seed-list: expected at most {MAX_SEEDS} seeds, got {count} in {text!r}")
+    seeds = [s for lo, hi in parts for s in range(lo, hi + 1)]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seed-list: a seed is given twice in {text!r}")
     return seeds
@@ -188,20 +199,52 @@ def main(spec: PipelineCLI, argv: list[str] | None = None) -> int:
     130 with the command that continues the run on Ctrl-C."""
     args = build_parser(spec).parse_args(argv)
     try:
-        return _main(spec, args)
+        try:
+            return _main(spec, args)
+        except BaseException:
+            args.kept = _keep_or_undo(args)
+            raise
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        out = getattr(args, "chosen_out", None)
+        hint = (
+            f" ({out} keeps what finished: once the cause is fixed, --resume continues it, --overwrite starts again)"
+            if getattr(args, "kept", None) and not args.resume
+            else ""
+        )
+        print(f"error: {err}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         out = getattr(args, "chosen_out", None)
-        where = (
-            f"{out} keeps what finished (a checkpoint after every epoch); to continue, run the same command "
-            f"with --resume --out {out}"
-            if out is not None
-            else "nothing was written"
-        )
+        if out is None:
+            where = "nothing was written"
+        elif args.kept:
+            instead = " instead of --overwrite" if args.overwrite else ""
+            where = (
+                f"{out} keeps what finished (a checkpoint after every epoch); to continue, run the same command "
+                f"with --resume{instead} --out {out}"
+            )
+        else:
+            where = f"stopped before the first checkpoint, so {out} keeps nothing; run the same command to start again"
         print(f"\ninterrupted: {where}", file=sys.stderr)
         return 130
+
+
+def _keep_or_undo(args: argparse.Namespace) -> bool | None:
+    """After a failed or interrupted command: whether OUT keeps a run (``None``: no OUT chosen yet).
+
+    A command that wrote no checkpoint, metrics or encoder removes the run files it created (its
+    ``config.yaml``, logs), so that the same command can run again.
+    """
+    from examples.common.rundir import holds_run, remove_new_files
+
+    out = getattr(args, "chosen_out", None)
+    if out is None:
+        return None
+    if holds_run(out):
+        return True
+    if getattr(args, "is_main", True):
+        remove_new_files(out, args.before)
+    return False
 
 
 def _main(spec: PipelineCLI, args: argparse.Namespace) -> int:
@@ -214,8 +257,11 @@ def _main(spec: PipelineCLI, args: argparse.Namespace) -> int:
     if args.seed_list is not None and (args.seed is not None or args.seeds is not None):
         raise ConfigError("--seed-list replaces --seed and --seeds: give one or the other")
     args.seeds = 1 if args.seeds is None else args.seeds
-    if args.seeds < 1:
-        raise ConfigError(f"--seeds: expected an int >= 1, got {args.seeds}")
+    if not 1 <= args.seeds <= MAX_SEEDS or cfg.run.seed + args.seeds > SEED_LIMIT:
+        raise ConfigError(
+            f"--seeds: expected an int in [1, {MAX_SEEDS}] with the last seed (run.seed {cfg.run.seed} + "
+            f"--seeds - 1) below 2**31, got {args.seeds}"
+        )
     args.seed_values = (
         parse_seed_list(args.seed_list) if args.seed_list is not None else [cfg.run.seed + i for i in range(args.seeds)]
     )
@@ -243,48 +289,6 @@ def _main(spec: PipelineCLI, args: argparse.Namespace) -> int:
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         ddp.teardown()
-
-
-def _choose_out(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, say: Callable[..., None]) -> Path | None:
-    """The output directory; ``None`` when a resumed run is already finished (nothing to do).
-
-    Nothing is written here, so a command refused here changes nothing on disk.
-    """
-    from examples.common.rundir import holds_run, next_free_dir, run_markers
-
-    out = args.out if args.out is not None else Path(cfg.run.out)
-    source = "--out" if args.out is not None else "run.out"
-    for part in (out, *out.parents):
-        if part.exists() and not part.is_dir():
-            raise ConfigError(f"Expected {source} to be a directory, but {part} is a file")
-    single = not args.compare and args.seeds == 1
-    if args.resume:
-        if single and (out / "metrics.json").is_file():
-            say(f"{out} holds a finished run (metrics.json); nothing to resume, nothing changed")
-            return None
-        if single and not (out / "checkpoint.pt").is_file():
-            raise CheckpointError(f"no checkpoint to resume from at {out / 'checkpoint.pt'}")
-        if not single and (out / "compare.json").is_file():
-            summary = json.loads((out / "compare.json").read_text(encoding="utf-8"))
-            methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.compare else [cfg.run.method]
-            seeds = args.seed_values
-            if all(m in summary and len(summary[m].get("runs", [])) == len(seeds) for m in methods) and all(
-                (out / m / f"seed{s}" / "metrics.json").is_file() for m in methods for s in seeds
-            ):
-                say(f"{out} holds a finished comparison (compare.json); nothing to resume, nothing changed")
-                return None
-        return out
-    if not holds_run(out) or args.overwrite:
-        return out
-    if args.out is not None:
-        shown = ", ".join(str(p.relative_to(out)) for p in run_markers(out)[:3])
-        raise ConfigError(
-            f"--out {out} already holds a run ({shown}); pass --resume to continue it "
-            "or --overwrite to replace it (or choose another --out)"
-        )
-    fresh = next_free_dir(out)
-    say(f"{out} holds an earlier run; writing this one to {fresh}")
-    return fresh
 
 
 def _header(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, out: Path) -> str:
@@ -318,17 +322,24 @@ def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[st
 
     from examples.common import ddp
     from examples.common.compare import run_comparison
-    from examples.common.pipeline import RunOptions, encoder_fingerprint, run_fingerprint, run_pipeline
+    from examples.common.pipeline import (
+        RunOptions,
+        check_resumable,
+        encoder_fingerprint,
+        run_fingerprint,
+        run_pipeline,
+    )
     from examples.common.protocol import machine_description, pretrain_folder, pretrain_identity
     from examples.common.report import plot_run
-    from examples.common.rundir import clear_run
+    from examples.common.rundir import CONFIG_HEADER, choose_out, clear_run, snapshot
     from examples.common.runlog import write_json
 
     say = print if is_main else (lambda *_args, **_kwargs: None)  # under torchrun rank 0 speaks and writes
-    chosen = _choose_out(spec, args, cfg, say)
+    chosen = choose_out(args, cfg, say)
     ddp.barrier()  # every rank has chosen the directory before rank 0 writes into it
     if chosen is None:
         return 0
+    args.is_main, args.before = is_main, snapshot(chosen)  # what a failure before the first checkpoint undoes
     out = args.chosen_out = chosen  # named on Ctrl-C, with the command that continues
     say(_header(spec, args, cfg, out))
     if is_main:
@@ -336,11 +347,14 @@ def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[st
             clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         if not (args.resume and (out / "config.yaml").is_file()):  # a resumed run keeps its configuration file
-            (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+            text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+            (out / "config.yaml").write_text(f"{CONFIG_HEADER}\n{text}", encoding="utf-8")
     ddp.barrier()
     identity = config_to_dict(cfg)
     identity.pop("run")
     identity.update(spec.identity)
+    if args.resume and not args.compare and len(args.seed_values) == 1:  # before any data is rendered
+        check_resumable(out / "checkpoint.pt", cfg.run.method, args.seed_values[0], identity)
     groups = [q.lower() for q in spec.group_names]
     data_cache: dict[int, Any] = {}
     task = spec.make_task(cfg, None)  # the task of the summaries (pos_weight etc. are set per run)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -336,7 +337,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float:
         check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float's range
+            number = math.inf
+        check(math.isfinite(number), key, "a finite number (not nan or inf)", value)
+        return number
     if tp is str:
         check(isinstance(value, str), key, "a string", value)
         return value
@@ -411,6 +417,7 @@ def apply_overrides(tree: dict[str, Any], overrides: Sequence[str], cls: type) -
     """Apply ``key=value`` strings (values parsed as YAML) to a raw config tree."""
     import yaml
 
+    given: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. pretrain.epochs=3")
@@ -422,6 +429,9 @@ def apply_overrides(tree: dict[str, Any], overrides: Sequence[str], cls: type) -
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
+        if dotted in given:
+            raise ConfigError(f"--set {dotted}: given twice ({given[dotted]!r} and {item!r}); one key, one value")
+        given[dotted] = item
         _set_path(tree, dotted, value, cls)
     return tree
 

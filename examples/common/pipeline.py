@@ -41,6 +41,7 @@ __all__ = [
     "PipelineData",
     "RunOptions",
     "SizedDataset",
+    "check_resumable",
     "encoder_fingerprint",
     "load_encoder",
     "run_fingerprint",
@@ -160,6 +161,55 @@ def run_fingerprint(
         | ({} if encoder is None else {"encoder": encoder})
         | ({"pretrain_only": True} if pretrain_only else {})
     )
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        flat.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return flat
+
+
+def resume_mismatch(state: dict[str, Any], method: str, seed: int, identity: dict[str, Any] | None) -> str:
+    """What differs between a checkpoint's run and this one: ``"pretrain.temperature: 0.1 -> 0.2; seed: 0 -> 3"``.
+
+    Compares the stored configuration, method and seed (checkpoints written before the seed was stored
+    leave it out); ``""`` when none of them differs (then the pre-trained encoder or the kind of run does).
+    """
+    old, new = _flat(state.get("config") or {}), _flat(identity or {})
+    old |= {"method": state.get("method"), "seed": state.get("seed", seed)}
+    new |= {"method": method, "seed": seed}
+    missing = object()
+    diffs = [
+        f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
+        for key in sorted(set(old) | set(new), key=lambda k: (k not in ("method", "seed"), k))
+        if old.get(key, missing) != new.get(key, missing)
+    ]
+    return "; ".join(diffs)
+
+
+def _refuse_mismatch(ckpt_path: Path, state: dict[str, Any], method: str, seed: int, identity: Any) -> None:
+    diffs = resume_mismatch(state, method, seed, identity)
+    what = f" ({diffs})" if diffs else " (another pre-trained encoder or kind of run)"
+    raise CheckpointError(
+        f"{ckpt_path} was written by a run with another configuration, method or seed{what}; "
+        "resume with the same config and options, or use another --out"
+    )
+
+
+def check_resumable(ckpt_path: str | Path, method: str, seed: int, identity: dict[str, Any] | None) -> None:
+    """Refuse, before any data is prepared, to resume a fine-tuning run from another run's checkpoint.
+
+    For a run that starts from no pre-trained encoder file (a single run of the command line).
+
+    Raises:
+        CheckpointError: the checkpoint is unreadable or its run differs (the differing keys are named).
+    """
+    state = load_checkpoint(ckpt_path, map_location="cpu")
+    if state.get("fingerprint") != run_fingerprint(method, seed, identity):
+        _refuse_mismatch(Path(ckpt_path), state, method, seed, identity)
 
 
 def encoder_fingerprint(path: str | Path) -> str | None:
@@ -302,10 +352,7 @@ def run_pipeline(
         # on the CPU: the RNG states must stay CPU byte tensors; load_state_dict copies onto the device
         state = load_checkpoint(ckpt_path, map_location="cpu")
         if state.get("fingerprint") != fingerprint:
-            raise CheckpointError(
-                f"{ckpt_path} was written by a run with another configuration, method or seed; "
-                "resume with the same config and options, or use another --out"
-            )
+            _refuse_mismatch(ckpt_path, state, method, options.seed, identity)
         if int(state.get("world_size", 1)) != job.world_size:
             raise CheckpointError(
                 f"{ckpt_path} was written by a run of {state.get('world_size', 1)} process(es); "
@@ -351,6 +398,7 @@ def run_pipeline(
                     "fingerprint": fingerprint,
                     "config": identity or {},  # what predict / propose_boxes rebuild the model from
                     "method": method,
+                    "seed": seed,
                     "stage": stage_name,
                     "epoch": epoch,
                     "times": dict(times),

@@ -19,6 +19,13 @@ probabilities (``confidence`` the mean over labels of the probability of the pre
 pixel of the model's input has one value) or ``small`` (the file is under a quarter of the model's
 input side and was upscaled); the command also prints how many images were flagged. Images are
 resized to the model's input size; no degradation is applied.
+
+An image that cannot be used (undecodable, too large for PIL to decode safely, the wrong channels)
+gets a row with empty scores and ``notes`` ``skipped: <why>``, and a printed warning; the command
+fails (exit 2, nothing written) only when no image can be used. The JSON ``meta`` holds
+``run_state`` (fine-tuning ``epoch`` of ``epochs``, ``finished``); a classifier of an interrupted
+run is used with a printed warning. ``--out`` is never the INPUT nor a file in the run's directory,
+and an existing file is replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import argparse
 import csv
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -96,33 +104,59 @@ def input_notes(path: Path, image: Any, size: int) -> str:
     notes = []
     if float(image.max() - image.min()) < 1 / 255:
         notes.append("blank: every pixel of the input has one value")
-    with Image.open(path) as img:
-        width, height = img.size
+    with warnings.catch_warnings():  # the size was checked when the image was loaded
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            width, height = img.size
     if min(width, height) < SMALL_FRACTION * size:
         notes.append(f"small: {width}x{height} px upscaled to {size}x{size}")
     return "; ".join(notes)
 
 
+def _row_template(trained: Any) -> dict[str, Any]:
+    """The columns of a row, every score empty (the row of an image that could not be used)."""
+    if trained.multilabel:
+        return {"image": "", "confidence": None, **dict.fromkeys(trained.class_names), "notes": ""}
+    return {
+        "image": "",
+        "grade": None,
+        "confidence": None,
+        **{f"p_grade_{n}": None for n in trained.class_names},
+        "notes": "",
+    }
+
+
 def predict_rows(trained: Any, images: Sequence[Path], batch_size: int = 32) -> list[dict[str, Any]]:
     """One row per image (see the module docstring), in the order of ``images``.
+
+    An image that cannot be used (missing, undecodable, too large for PIL to decode safely, the wrong
+    channels) gets a row with empty scores and ``notes`` ``"skipped: <why>"``.
 
     Args:
         trained: a :class:`~examples.common.trained.TrainedModel`.
         images: image files.
         batch_size: images per forward pass.
-
-    Raises:
-        FileNotFoundError, ValueError: an image is missing, cannot be decoded or has the wrong channels.
     """
     import torch
 
     rows: list[dict[str, Any]] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        inputs = torch.stack([trained.load(p) for p in chunk])
-        probs = trained.probabilities(inputs)
-        for path, image, p in zip(chunk, inputs, probs.tolist(), strict=True):
-            row: dict[str, Any] = {"image": str(path)}
+        loaded: list[tuple[Path, Any]] = []
+        skipped: dict[Path, str] = {}
+        for path in chunk:
+            try:
+                loaded.append((path, trained.load(path)))
+            except (FileNotFoundError, ValueError) as err:
+                skipped[path] = f"skipped: {err}"
+        probs = trained.probabilities(torch.stack([x for _, x in loaded])).tolist() if loaded else []
+        scores = {path: (image, p) for (path, image), p in zip(loaded, probs, strict=True)}
+        for path in chunk:
+            row: dict[str, Any] = _row_template(trained) | {"image": str(path)}
+            if path in skipped:
+                rows.append(row | {"notes": skipped[path]})
+                continue
+            image, p = scores[path]
             if trained.multilabel:
                 row["confidence"] = sum(max(x, 1 - x) for x in p) / len(p)
                 row.update({name: x for name, x in zip(trained.class_names, p, strict=True)})
@@ -158,7 +192,10 @@ def build_parser(
     p = argparse.ArgumentParser(prog=prog, description="Apply a trained run's classifier to new images.")
     p.add_argument("run", type=Path, help="run directory or its checkpoint.pt")
     p.add_argument("input", type=Path, help="an image file, a folder of images, or a CSV of image paths")
-    p.add_argument("--out", type=Path, required=True, help="predictions file: .csv or .json")
+    p.add_argument(
+        "--out", type=Path, required=True, help="predictions file: .csv or .json (never the INPUT nor in the run)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     if choose_pipeline:
         p.add_argument("--pipeline", choices=("eyeq", "chestxray"), default=None, help="refuse another pipeline's run")
     p.add_argument("--batch-size", type=int, default=32)
@@ -181,6 +218,23 @@ def main(argv: Sequence[str] | None = None, pipeline: str | None = None, prog: s
         return 2
 
 
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` that would replace the INPUT, a file of the run, or (without ``--overwrite``) any file."""
+    out = args.out.resolve()
+    if out == args.input.resolve():
+        raise ValueError(f"--out: expected a file other than INPUT, got {str(args.out)!r} (the INPUT itself)")
+    run_dir = args.run.resolve() if args.run.is_dir() else args.run.resolve().parent
+    if run_dir in out.parents and (run_dir / "checkpoint.pt").is_file():
+        raise ValueError(
+            f"--out: expected a file outside the run directory {str(run_dir)!r} (its results are never replaced), "
+            f"got {str(args.out)!r}"
+        )
+    if args.out.exists() and not args.overwrite:
+        raise ValueError(
+            f"--out: {str(args.out)!r} already exists; pass --overwrite to replace it, or choose another --out"
+        )
+
+
 def _main(args: argparse.Namespace, pipeline: str | None) -> int:
     from examples.common.trained import load_trained
 
@@ -188,19 +242,40 @@ def _main(args: argparse.Namespace, pipeline: str | None) -> int:
         raise ValueError(f"--batch-size: expected an int >= 1, got {args.batch_size}")
     if args.out.suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"--out: expected a .csv or .json file, got {str(args.out)!r}")
+    _check_out(args)
     images = collect_images(args.input)
     trained = load_trained(args.run, expect=pipeline)
     rows = predict_rows(trained, images, args.batch_size)
+    skipped = [r for r in rows if r["notes"].startswith("skipped: ")]
+    if len(skipped) == len(rows):
+        more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+        raise ValueError(f"INPUT: no image could be used: {skipped[0]['notes'][len('skipped: ') :]}{more}")
     meta = {
         "checkpoint": str(trained.path),
         "pipeline": trained.pipeline,
         "image_size": trained.image_size,
         "classes": list(trained.class_names),
         "activation": "sigmoid" if trained.multilabel else "softmax",
+        "run_state": {
+            "stage": "finetune",
+            "epoch": trained.epoch,
+            "epochs": trained.epochs,
+            "finished": trained.finished,
+        },
+        "skipped": len(skipped),
     }
+    if not trained.finished:
+        print(
+            f"warning: {trained.path} holds the classifier after fine-tuning epoch {trained.epoch} of {trained.epochs} "
+            "(an interrupted run): these are not the finished run's predictions; --resume the run to finish it"
+        )
     write_rows(rows, args.out, meta)
-    print(f"{len(rows)} image(s) -> {args.out}")
-    flagged = [r for r in rows if r["notes"]]
+    print(f"{len(rows) - len(skipped)} image(s) -> {args.out}")
+    if skipped:
+        shown = "; ".join(f"{Path(r['image']).name} ({r['notes'][len('skipped: ') :]})" for r in skipped[:3])
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        print(f"warning: {len(skipped)} image(s) skipped (a row with empty scores, `notes` says why): {shown}{more}")
+    flagged = [r for r in rows if r["notes"] and r not in skipped]
     if flagged:
         shown = "; ".join(f"{Path(r['image']).name} ({r['notes']})" for r in flagged[:3])
         more = f" and {len(flagged) - 3} more" if len(flagged) > 3 else ""

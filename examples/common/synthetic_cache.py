@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ class SyntheticSetsConfig:
     def validate(self, key: str) -> None:
         for name in ("n_train", "n_test", "n_view_copies", "workers"):
             check(getattr(self, name) >= 1, f"{key}.{name}", "an int >= 1", getattr(self, name))
+        check(0 <= self.seed < 2**31, f"{key}.seed", "an int in [0, 2**31)", self.seed)
 
 
 def default_cache_dir(pipeline: str) -> Path:
@@ -96,6 +98,49 @@ def synthetic_cache_path(
     """The cache file of one synthetic set: every setting that changes its content is in the name."""
     sev = f"{severity[0]:g}-{severity[1]:g}" if copies else "none"
     return cache_dir / f"{prefix}_v{version}_n{n}_s{size}_seed{seed}_c{copies}_sev{sev}.pt"
+
+
+def _ignore_sigint() -> None:
+    """Rendering workers leave Ctrl-C to the parent (which stops the pool), instead of each printing a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _start_forkserver_ignoring_sigint() -> None:
+    """Start the fork server with Ctrl-C ignored (inherited through its ``exec``, and by the workers it forks).
+
+    A Ctrl-C while it imports the renderer's modules would otherwise print its own traceback; the parent,
+    whose handler is restored at once, still gets the interrupt and stops the pool.
+    """
+    import threading
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():  # pragma: no cover - signals: main thread only
+        forkserver.ensure_running()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _pool_started(ctx: Any, workers: int) -> Any:
+    """A process pool whose workers ignore Ctrl-C; a Ctrl-C while they start is raised once the pool exists,
+    so that leaving its ``with`` block stops them (a worker orphaned mid-start prints a traceback)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # pragma: no cover - signals: main thread only
+        return ctx.Pool(workers, initializer=_ignore_sigint)
+    interrupted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: interrupted.append(signum))
+    try:
+        pool = ctx.Pool(workers, initializer=_ignore_sigint)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        pool.terminate()
+        raise KeyboardInterrupt
+    return pool
 
 
 def render_in_one_thread(job: tuple[Any, ...]) -> dict[str, Any]:
@@ -186,8 +231,9 @@ def render_cached(
     ``(copies, ...)`` per item, along dimension 1: ``(copies, N, ...)``), numbers become a tensor and the
     keys in ``listed`` (e.g. a variable number of boxes) stay lists. With ``workers > 1`` the items are
     rendered in a process pool (whose fork server imports ``render_one``'s module and the modules in
-    ``preload``). The file is written atomically and synced to disk (as a checkpoint is); an unreadable
-    one is rendered again.
+    ``preload``; the workers ignore Ctrl-C, which the parent handles). The file is written atomically and
+    synced to disk (as a checkpoint is), only once every item is rendered: an interrupted rendering leaves
+    no file, never a partial one; an unreadable one is rendered again.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
@@ -205,7 +251,8 @@ def render_cached(
         ctx = multiprocessing.get_context("forkserver" if hasattr(os, "fork") else "spawn")
         if hasattr(os, "fork"):
             ctx.set_forkserver_preload([render_one.__module__, *preload])
-        with ctx.Pool(workers) as pool:
+            _start_forkserver_ignoring_sigint()
+        with _pool_started(ctx, workers) as pool:
             items = list(progress(pool.imap(render_one, jobs, chunksize=4), desc, total=n, leave=True))
     else:
         items = [render_one(j) for j in progress(jobs, desc, leave=True)]

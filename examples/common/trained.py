@@ -12,6 +12,7 @@ run code, and a corrupted file is refused.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ class TrainedModel:
         class_names: the grades (``"0"``..``"4"``) or the 14 label names.
         config: the run's configuration (plain dict).
         path: the checkpoint file.
+        epoch: fine-tuning epochs the classifier has done.
+        epochs: fine-tuning epochs of the run's configuration (``epoch < epochs``: an interrupted run).
     """
 
     model: Classifier
@@ -52,6 +55,13 @@ class TrainedModel:
     class_names: tuple[str, ...]
     config: dict[str, Any]
     path: Path
+    epoch: int = 0
+    epochs: int = 0
+
+    @property
+    def finished(self) -> bool:
+        """Whether the classifier did every fine-tuning epoch of its run."""
+        return self.epoch >= self.epochs
 
     @property
     def multilabel(self) -> bool:
@@ -85,8 +95,15 @@ def load_model_input(path: str | os.PathLike[str], channels: int, size: int) -> 
     if not p.is_file():
         raise FileNotFoundError(f"image not found: {p}")
     try:
-        with Image.open(p) as img:
-            bands = img.getbands()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's warning: a clear refusal
+            with Image.open(p) as img:
+                bands = img.getbands()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ValueError(
+            f"image {p} is too large to decode safely ({e}); resize it, or raise PIL.Image.MAX_IMAGE_PIXELS "
+            "if it is trusted"
+        ) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot decode image {p} ({type(e).__name__}: {e})") from e
     if bands == ("P",):
@@ -120,6 +137,15 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]
     if p.is_dir():
         p = p / "checkpoint.pt"
     if not p.is_file():
+        below = sorted(
+            {c.parent for c in p.parent.glob("*/checkpoint.pt")}
+            | {c.parent for c in p.parent.glob("*/*/checkpoint.pt")}
+        )
+        if below:
+            shown = ", ".join(str(d) for d in below[:6]) + (f" and {len(below) - 6} more" if len(below) > 6 else "")
+            raise CheckpointError(
+                f"no checkpoint at {p}; runs below it (a comparison's METHOD/seedN): {shown}; give one of them"
+            )
         raise CheckpointError(f"no checkpoint at {p}")
     return p, load_checkpoint(p, map_location="cpu")
 
@@ -187,4 +213,6 @@ def load_trained(path: str | os.PathLike[str], expect: str | None = None) -> Tra
         if len(names) != num_classes:
             raise CheckpointError(f"{p}: {num_classes} outputs, expected the {len(names)} ChestX-ray14 labels")
     size = int(config["data"]["image_size"])
-    return TrainedModel(model, pipeline, size, PIPELINES[pipeline][1], names, config, p)
+    epochs = int((config.get("finetune") or {}).get("epochs", 0))
+    epoch = int(state.get("epoch", epochs))
+    return TrainedModel(model, pipeline, size, PIPELINES[pipeline][1], names, config, p, epoch, epochs)

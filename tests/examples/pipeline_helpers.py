@@ -82,3 +82,13 @@ def real_photograph_eyeq(root: Path, n_train: int = 8, n_test: int = 4, size: in
     for split in ("train", "test"):
         (root / f"Label_EyeQ_{split}.csv").write_text(",image,quality,DR_grade\n" + "\n".join(rows[split]) + "\n")
     return train
+
+
+def assert_run_files_known(out: Path) -> None:
+    """Every file a run or comparison wrote into ``out`` is in ``RUN_FILES``, so ``--overwrite`` removes it all."""
+    from examples.common.rundir import RUN_FILES, clear_run
+
+    written = {p.name for p in out.rglob("*") if p.is_file() and "tensorboard" not in p.parts}
+    assert written - set(RUN_FILES) == set()
+    clear_run(out)
+    assert list(out.iterdir()) == []

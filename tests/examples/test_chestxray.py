@@ -15,7 +15,7 @@ from examples.common.config import FinetuneConfig
 from examples.common.evaluate import multilabel_metrics
 from examples.common.task import MultiLabelTask
 from PIL import Image
-from pipeline_helpers import assert_clear_error, read_metrics, run_tiny, set_args
+from pipeline_helpers import assert_clear_error, assert_run_files_known, read_metrics, run_tiny, set_args
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "chestxray" / "configs" / "tiny.yaml"
@@ -110,6 +110,8 @@ def test_compare_and_seeds(tmp_path: Path, cache_dir: Path) -> None:
     assert "BCE only" in table
     assert "±" in table
     assert (out / "compare_auc.png").stat().st_size > 1000
+    assert (out / "paired_mean_auc.png").is_file()
+    assert_run_files_known(out)
 
 
 @pytest.mark.parametrize(

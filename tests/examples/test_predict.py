@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,100 @@ def test_predict_refuses_a_run_still_in_pretraining(tmp_path: Path, capsys) -> N
     Image.fromarray(skimage_data.retina()[::8, ::8]).save(photo)
     assert predict_main([str(out), str(photo), "--out", str(tmp_path / "p.csv")]) == 2
     assert "no fine-tuned classifier yet" in capsys.readouterr().err
+
+
+def test_predict_never_replaces_its_input_or_the_runs_files(
+    eyeq_run: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:  # noqa: ANN001
+    _, run = eyeq_run
+    photo = tmp_path / "retina.png"
+    Image.fromarray(skimage_data.retina()[::8, ::8]).save(photo)
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"path\n{photo}\n")
+    text = listing.read_text()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert predict_main([str(run), str(listing), "--out", str(listing), "--overwrite"]) == 2
+    assert "--out: expected a file other than INPUT" in capsys.readouterr().err
+    assert listing.read_text() == text
+    for target in (run / "metrics.json", run / "new.json", run / "checkpoint.pt" / ".." / "p.csv"):
+        assert predict_main([str(run / "checkpoint.pt"), str(photo), "--out", str(target), "--overwrite"]) == 2
+        assert "--out: expected a file outside the run directory" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    out = tmp_path / "pred.csv"
+    out.write_text("mine")
+    assert predict_main([str(run), str(photo), "--out", str(out)]) == 2
+    assert f"--out: '{out}' already exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_text() == "mine"
+    assert predict_main([str(run), str(photo), "--out", str(out), "--overwrite"]) == 0
+    assert len(_read_csv(out)) == 1
+
+
+def test_predict_skips_unusable_images_with_a_note(
+    eyeq_run: tuple[Path, Path],
+    tmp_path: Path,
+    capsys,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    _, run = eyeq_run
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(skimage_data.retina()).resize((30, 30)).save(folder / "a_good.png")  # 900 px, under the limit
+    (folder / "b_broken.jpg").write_bytes(b"not a jpeg")
+    Image.new("RGB", (40, 40)).save(folder / "c_bomb.png")  # 1600 px, over the (lowered) limit
+    Image.new("RGB", (50, 50)).save(folder / "d_bigger_bomb.png")  # over twice the limit: PIL's error
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    out = tmp_path / "p.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's raw DecompressionBombWarning must not escape
+        assert predict_main([str(run), str(folder), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: 3 image(s) skipped" in printed
+    rows = json.loads(out.read_text())["predictions"]
+    assert [Path(r["image"]).name for r in rows] == ["a_good.png", "b_broken.jpg", "c_bomb.png", "d_bigger_bomb.png"]
+    assert rows[0]["grade"] is not None
+    assert rows[1]["notes"].startswith("skipped: cannot decode image")
+    assert rows[1]["grade"] is None
+    assert rows[1]["p_grade_0"] is None
+    assert "too large to decode safely" in rows[2]["notes"]
+    assert "too large to decode safely" in rows[3]["notes"]
+    csv_out = tmp_path / "p.csv"
+    assert predict_main([str(run), str(folder), "--out", str(csv_out)]) == 0
+    assert _read_csv(csv_out)[1]["grade"] == ""
+    # nothing usable: exit 2, nothing written
+    (folder / "a_good.png").unlink()
+    none_out = tmp_path / "none.csv"
+    assert predict_main([str(run), str(folder), "--out", str(none_out)]) == 2
+    assert "INPUT: no image could be used" in capsys.readouterr().err
+    assert not none_out.exists()
+
+
+def test_predict_run_argument_errors_say_what_to_give(eyeq_run: tuple[Path, Path], tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    _, run = eyeq_run
+    photo = tmp_path / "retina.png"
+    Image.fromarray(skimage_data.retina()[::8, ::8]).save(photo)
+    out = str(tmp_path / "p.csv")
+    assert predict_main([str(run / "config.yaml"), str(photo), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml: it is not a checkpoint" in err
+    assert "weights_only" not in err
+    cmp = tmp_path / "cmp"
+    for sub in ("ce/seed0", "ce/seed1"):
+        (cmp / sub).mkdir(parents=True)
+        (cmp / sub / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes())
+    assert predict_main([str(cmp), str(photo), "--out", out]) == 2
+    assert f"runs below it (a comparison's METHOD/seedN): {cmp / 'ce/seed0'}, {cmp / 'ce/seed1'}" in (
+        capsys.readouterr().err
+    )
+
+
+def test_predict_warns_about_an_interrupted_run(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    out = tmp_path / "run"
+    cut = ("--method", "ce", "--set", "finetune.epochs=2", "--stop-after-epochs", "1")
+    assert run_tiny(eyeq_main, EYEQ_TINY, out, tmp_path / "cache", *cut) == 0
+    photo = tmp_path / "retina.png"
+    Image.fromarray(skimage_data.retina()[::8, ::8]).save(photo)
+    capsys.readouterr()
+    assert predict_main([str(out), str(photo), "--out", str(tmp_path / "p.json")]) == 0
+    assert "after fine-tuning epoch 1 of 2 (an interrupted run)" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "p.json").read_text())["meta"]
+    assert meta["run_state"] == {"stage": "finetune", "epoch": 1, "epochs": 2, "finished": False}

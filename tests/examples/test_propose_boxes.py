@@ -104,8 +104,9 @@ def test_propose_errors(ce_run: tuple[Path, Path, list[tuple[str, int]]], tmp_pa
 def test_ce_run_on_real_files_needs_no_boxes_but_comcl_does(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     root = tmp_path / "EyeQ"
     real_photograph_eyeq(root, n_train=4, n_test=2, size=64)
-    args = ["--config", str(TINY), "--out", str(tmp_path / "r"), *_real_args(root), "--set", "data.image_size=48"]
-    args += ["--set", "data.eyeq.view_image_size=64", "--set", "run.tensorboard=false"]
+    args = ["--config", str(TINY), "--out", str(tmp_path / "r"), "--set", "data.source=eyeq"]
+    args += ["--set", f"data.eyeq.root={root}", "--set", "data.image_size=48"]
+    args += ["--set", "data.eyeq.view_image_size=64", "--set", "run.tensorboard=false"]  # one value per key
     assert eyeq_main(args) == 2
     assert "data.eyeq.boxes_json" in capsys.readouterr().err
 

@@ -24,7 +24,7 @@ from examples.common.protocol import (
 )
 from examples.eyeq.data import NUM_GRADES, build_data
 from examples.eyeq.train import EyeQConfig, main
-from pipeline_helpers import read_metrics, run_tiny
+from pipeline_helpers import assert_run_files_known, read_metrics, run_tiny
 from scipy import stats
 
 from mlcl_losses.tags import MAX_LABEL, ViewTags
@@ -158,6 +158,7 @@ def test_compare_pretrains_once_and_matches_single_runs(tmp_path: Path, cache_di
     assert _run(tmp_path / "single", cache_dir, *cell, "--method", "simclr", "--seed", "1") == 0
     cmp = tmp_path / "cmp"
     assert _run(cmp, cache_dir, *cell, "--compare", "--methods", "ce,simclr,supcon", "--seeds", "2") == 0
+    assert (cmp / "paired_kappa.png").is_file()
     # fine-tuning the saved encoder gives what pre-training and fine-tuning in one run gives
     assert read_metrics(tmp_path / "single") == read_metrics(cmp / "simclr" / "seed1")
     encoder = cmp / "pretrain" / "simclr" / "seed0" / "encoder.pt"
@@ -187,6 +188,7 @@ def test_compare_pretrains_once_and_matches_single_runs(tmp_path: Path, cache_di
     # an encoder of another pre-training configuration is refused, not silently reused
     changed = [*args, "--set", "pretrain.temperature=0.3"]
     assert _run(tmp_path / "third", cache_dir, *changed) == 2
+    assert_run_files_known(cmp)  # --overwrite would leave no stale file (paired_kappa.png among them)
 
 
 @pytest.mark.slow

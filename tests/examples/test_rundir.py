@@ -143,7 +143,7 @@ def test_compare_follows_the_same_rule(tmp_path: Path, cache_dir: Path, capsys: 
     before = _snapshot(out)
     assert run_tiny(main, TINY, out, cache_dir, "--compare", "--methods", "ce") == 2
     err = capsys.readouterr().err
-    assert "already holds a run (ce/seed0/checkpoint.pt)" in err
+    assert "already holds a run (1 run: the folder itself; 1 file in all)" in err
     assert "--overwrite" in err
     assert _snapshot(out) == before
 
