@@ -218,10 +218,10 @@ def main(spec: PipelineCLI, argv: list[str] | None = None) -> int:
         if out is None:
             where = "nothing was written"
         elif args.kept:
-            instead = " instead of --overwrite" if args.overwrite else ""
+            instead = ", without --overwrite" if args.overwrite else ""
             where = (
                 f"{out} keeps what finished (a checkpoint after every epoch); to continue, run the same command "
-                f"with --resume{instead} --out {out}"
+                f"with --resume --out {out}{instead}"
             )
         else:
             where = f"stopped before the first checkpoint, so {out} keeps nothing; run the same command to start again"
@@ -353,8 +353,6 @@ def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[st
     identity = config_to_dict(cfg)
     identity.pop("run")
     identity.update(spec.identity)
-    if args.resume and not args.compare and len(args.seed_values) == 1:  # before any data is rendered
-        check_resumable(out / "checkpoint.pt", cfg.run.method, args.seed_values[0], identity)
     groups = [q.lower() for q in spec.group_names]
     data_cache: dict[int, Any] = {}
     task = spec.make_task(cfg, None)  # the task of the summaries (pos_weight etc. are set per run)
@@ -362,6 +360,9 @@ def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[st
     def run_one(
         method: str, seed: int, run_dir: Path, resume: bool, stop: int | None = None, encoder: Path | None = None
     ) -> dict[str, Any] | None:
+        if resume:  # another run's checkpoint is refused before any data is rendered
+            start_from = None if encoder is None else encoder_fingerprint(encoder)
+            check_resumable(run_dir / "checkpoint.pt", method, seed, identity, encoder=start_from)
         if seed not in data_cache:
             data_cache.clear()
             with ddp.main_first():  # rank 0 renders and caches synthetic data, the others read the cache
@@ -377,10 +378,6 @@ def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[st
 
     def pretrain(method: str, seed: int) -> Path:
         """Pre-train once per (method, repeat): every fine-tuning cell reuses ``encoder.pt``."""
-        if seed not in data_cache:
-            data_cache.clear()
-            with ddp.main_first():
-                data_cache[seed] = spec.build_data(cfg, seed, args)
         pre_identity = pretrain_identity(identity, method)
         run_dir = encoders / pretrain_folder(method, cfg.finetune) / f"seed{seed}"
         expected = run_fingerprint(method, seed, pre_identity, pretrain_only=True)
@@ -394,6 +391,12 @@ def _run(spec: PipelineCLI, args: argparse.Namespace, cfg: Any, methods: list[st
             )
         options = RunOptions(seed, cfg.run.device, cfg.run.num_workers, cfg.run.tensorboard, False, None)
         options.resume = args.resume and (run_dir / "checkpoint.pt").is_file()
+        if options.resume:  # before any data is rendered
+            check_resumable(run_dir / "checkpoint.pt", method, seed, pre_identity, pretrain_only=True)
+        if seed not in data_cache:
+            data_cache.clear()
+            with ddp.main_first():
+                data_cache[seed] = spec.build_data(cfg, seed, args)
         info = run_pipeline(
             method,
             cfg.model,

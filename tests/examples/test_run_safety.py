@@ -206,3 +206,39 @@ def test_resume_mismatch_names_the_keys_before_rendering(
     }
     assert run_tiny(main, TINY, out, cache_dir, *args, "--resume") == 0
     assert json.loads((out / "metrics.json").read_text())["seed"] == 0
+
+
+def test_ctrl_c_after_overwrite_suggests_a_command_that_works(
+    tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import examples.common.pipeline as pipeline
+
+    out = tmp_path / "x"
+    two_epochs = ("--set", "finetune.epochs=2", *CE)
+    assert run_tiny(main, TINY, out, cache_dir, *CE) == 0
+    saved = pipeline.save_checkpoint
+
+    def save_then_interrupt(*args: object, **kwargs: object) -> None:
+        saved(*args, **kwargs)  # type: ignore[arg-type]
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "save_checkpoint", save_then_interrupt)
+        assert run_tiny(main, TINY, out, cache_dir, *two_epochs, "--overwrite") == 130
+    err = capsys.readouterr().err
+    assert f"run the same command with --resume --out {out}, without --overwrite" in err
+    assert run_tiny(main, TINY, out, cache_dir, *two_epochs, "--resume", "--out", str(out)) == 0
+    assert (out / "metrics.json").is_file()
+
+
+def _render_or_interrupt(job: int) -> dict[str, int]:
+    if job == 3:
+        raise KeyboardInterrupt
+    return {"x": job}
+
+
+def test_an_interrupted_rendering_leaves_no_cache_file(tmp_path: Path) -> None:
+    path = tmp_path / "cache" / "set.pt"
+    with pytest.raises(KeyboardInterrupt):
+        render_cached(path, _render_or_interrupt, list(range(6)), workers=1, desc="test")
+    assert list(path.parent.iterdir()) == []  # nothing a later run could read as a complete set
