@@ -245,7 +245,13 @@ def run_pipeline(
         if len(dataset) < job.world_size:  # a rank with no data would leave the others waiting
             raise ValueError(f"the {name} set has {len(dataset)} images, fewer than the {job.world_size} processes")
 
-    encoder = build_encoder(model_cfg.arch, model_cfg.width, model_cfg.weights)
+    # the encoder is probed once with every input size it will get: a backbone that cannot take them
+    # (a timm model with a fixed input or too many downsamplings) is a configuration error here
+    sizes = {"data.image_size": (identity or {}).get("data", {}).get("image_size")}
+    if method != "ce" and pretrained is None:
+        sizes["pretrain.patch_size"] = pretrain_cfg.patch_size
+    input_sizes = {key: int(size) for key, size in sizes.items() if isinstance(size, int)}
+    encoder = build_encoder(model_cfg.arch, model_cfg.width, model_cfg.weights, input_sizes=input_sizes)
     contrastive = ContrastiveModel(encoder, model_cfg.proj_hidden, model_cfg.proj_dim).to(device)
     ddp.broadcast_module(contrastive)  # every rank starts from rank 0's initialisation
     if pretrained is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,28 @@ def test_input_size_probe_changes_nothing() -> None:
     assert probed.training
     assert not probed.layer1.training
     assert not probed.layer1[0].bn1.training
+
+
+@pytest.mark.parametrize(
+    ("method", "arch", "key"),
+    [
+        ("comcl", "test_vit", r"pretrain\.patch_size 24"),  # 16 px ViT patches: 24 px inputs do not divide
+        ("ce", "vit_tiny_patch16_224", r"data\.image_size 48"),  # 224 px only; ce never sees a patch
+    ],
+)
+def test_pipeline_refuses_a_backbone_that_cannot_take_its_inputs(
+    method: str, arch: str, key: str, tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The pipeline probes its encoder with the patch and image sizes it will feed it: one-line error, exit 2,
+    no folder left behind."""
+    from examples.chestxray.train import main
+
+    out = tmp_path / "run"
+    args = ["--config", str(TINY), "--out", str(out), "--method", method, "--set", "run.tensorboard=false"]
+    args += ["--set", f"data.synthetic.cache_dir={cache_dir}", "--set", "model.width=1.0"]
+    assert main([*args, "--set", "pretrain.patch_size=24", "--set", f"model.arch=timm:{arch}"]) == 2
+    err = capsys.readouterr().err
+    assert "model.arch: expected a backbone that takes" in err
+    assert re.search(key, err), err
+    assert "Traceback" not in err
+    assert not out.exists()
