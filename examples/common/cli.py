@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,16 +19,12 @@ from typing import Any
 from examples.common.checkpoint import CheckpointError
 from examples.common.compare import COMPARE_METHODS
 from examples.common.config import ConfigError, check, config_to_dict, load_config
+from examples.common.seeds import SEED_LIMIT, training_seeds
 
-__all__ = ["METHOD_CHOICES", "PipelineCLI", "RunConfig", "build_parser", "cached_or_run", "main", "parse_seed_list"]
+__all__ = ["METHOD_CHOICES", "PipelineCLI", "RunConfig", "build_parser", "cached_or_run", "main"]
 
 METHOD_CHOICES = COMPARE_METHODS
-_DIGITS = re.compile(r"[0-9]+")  # ASCII digits only (str.isdigit admits e.g. "²")
 REPO = Path(__file__).resolve().parents[2]
-SEED_LIMIT = 2**31
-"""Seeds are ints in ``[0, SEED_LIMIT)`` (every RNG of torch, NumPy and Python takes them)."""
-MAX_SEEDS = 10_000
-"""At most this many seeds (repeats) in one command."""
 
 
 @dataclass
@@ -166,34 +161,6 @@ def build_parser(spec: PipelineCLI) -> argparse.ArgumentParser:
     return p
 
 
-def parse_seed_list(text: str) -> list[int]:
-    """Seeds of ``--seed-list``: comma-separated ints and inclusive ranges ``a-b``, each seed once, in order.
-
-    Examples:
-        >>> parse_seed_list("0-2,8,10-11")
-        [0, 1, 2, 8, 10, 11]
-
-    Raises:
-        ConfigError: an empty list, a part that is not an int >= 0 or a range ``a-b`` with ``a <= b``, a seed
-            of :data:`SEED_LIMIT` or more, more than :data:`MAX_SEEDS` seeds, or a seed given twice.
-    """
-    parts = []
-    for part in (p.strip() for p in text.split(",")):
-        lo, _, hi = part.partition("-")
-        if not _DIGITS.fullmatch(lo) or (hi and not _DIGITS.fullmatch(hi)) or (hi and int(hi) < int(lo)):
-            raise ConfigError(f"--seed-list: expected ints >= 0 and ranges a-b (a <= b), comma-separated, got {text!r}")
-        if int(hi or lo) >= SEED_LIMIT:
-            raise ConfigError(f"--seed-list: expected seeds below 2**31 = {SEED_LIMIT}, got {part!r} in {text!r}")
-        parts.append((int(lo), int(hi or lo)))
-    count = sum(hi - lo + 1 for lo, hi in parts)
-    if count > MAX_SEEDS:
-        raise ConfigError(f"--seed-list: expected at most {MAX_SEEDS} seeds, got {count} in {text!r}")
-    seeds = [s for lo, hi in parts for s in range(lo, hi + 1)]
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seed-list: a seed is given twice in {text!r}")
-    return seeds
-
-
 def main(spec: PipelineCLI, argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run; exit status 2 with a one-line message on a configuration or data error,
     130 with the command that continues the run on Ctrl-C."""
@@ -254,19 +221,9 @@ def _main(spec: PipelineCLI, args: argparse.Namespace) -> int:
     if args.seed is not None:
         overrides.append(f"run.seed={args.seed}")
     cfg: Any = load_config(spec.config_cls, args.config or spec.default_config, overrides)  # the pipeline's class
-    if args.seed_list is not None and (args.seed is not None or args.seeds is not None):
-        raise ConfigError("--seed-list replaces --seed and --seeds: give one or the other")
-    args.seeds = 1 if args.seeds is None else args.seeds
-    if not 1 <= args.seeds <= MAX_SEEDS or cfg.run.seed + args.seeds > SEED_LIMIT:
-        raise ConfigError(
-            f"--seeds: expected an int in [1, {MAX_SEEDS}] with the last seed (run.seed {cfg.run.seed} + "
-            f"--seeds - 1) below 2**31, got {args.seeds}"
-        )
-    args.seed_values = (
-        parse_seed_list(args.seed_list) if args.seed_list is not None else [cfg.run.seed + i for i in range(args.seeds)]
-    )
+    args.seed_values = training_seeds(cfg.run.seed, args.seeds, args.seed_list, args.seed is not None)
+    args.seeds = len(args.seed_values)
     if args.seed_list is not None:
-        args.seeds = len(args.seed_values)
         cfg.run.seed = args.seed_values[0]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHOD_CHOICES]

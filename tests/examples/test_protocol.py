@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from examples.common.cli import parse_seed_list
 from examples.common.config import ConfigError, load_config
 from examples.common.paired import comparison_pairs, paired_differences, paired_table
 from examples.common.protocol import (
@@ -22,6 +21,7 @@ from examples.common.protocol import (
     pretrain_identity,
     unlabelled_label,
 )
+from examples.common.seeds import parse_seed_list
 from examples.eyeq.data import NUM_GRADES, build_data
 from examples.eyeq.train import EyeQConfig, main
 from pipeline_helpers import assert_run_files_known, read_metrics, run_tiny

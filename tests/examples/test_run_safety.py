@@ -11,9 +11,9 @@ import signal
 from pathlib import Path
 
 import pytest
-from examples.common.cli import parse_seed_list
 from examples.common.config import ConfigError, load_config
 from examples.common.rundir import CONFIG_HEADER, clear_run, foreign_runs
+from examples.common.seeds import parse_seed_list
 from examples.common.synthetic_cache import render_cached
 from examples.eyeq import train
 from examples.eyeq.train import EyeQConfig, main
