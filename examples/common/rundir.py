@@ -25,6 +25,7 @@ __all__ = [
     "config_written_by_run",
     "describe_runs",
     "foreign_runs",
+    "foreign_runs_problem",
     "holds_run",
     "next_free_dir",
     "own_dirs",
@@ -171,6 +172,18 @@ def _remove_empty(dirs: list[Path], out: Path) -> None:
             d = d.parent
 
 
+def foreign_runs_problem(out: Path, source: str = "--out") -> str | None:
+    """Why ``--overwrite`` of ``out`` is refused (other runs below it, :func:`foreign_runs`), or ``None``."""
+    others = foreign_runs(out)
+    if not others:
+        return None
+    names = ", ".join(str(d.relative_to(out)) for d in others[:4]) + (" ..." if len(others) > 4 else "")
+    return (
+        f"--overwrite replaces only the run at {out} (its own files, a comparison's METHOD/seedN and pretrain "
+        f"folders), but {out} holds {len(others)} other run(s) below it ({names}); choose another {source}"
+    )
+
+
 def clear_run(out: Path) -> None:
     """Remove the run at ``out`` (``--overwrite``); files the pipelines did not write are left alone.
 
@@ -180,13 +193,9 @@ def clear_run(out: Path) -> None:
     Raises:
         ValueError: ``out`` holds other runs below it (:func:`foreign_runs`); nothing is removed.
     """
-    others = foreign_runs(out)
-    if others:
-        names = ", ".join(str(d.relative_to(out)) for d in others[:4]) + (" ..." if len(others) > 4 else "")
-        raise ValueError(
-            f"--overwrite replaces only the run at {out} (its own files, a comparison's METHOD/seedN and pretrain "
-            f"folders), but {out} holds {len(others)} other run(s) below it ({names}); choose another --out"
-        )
+    problem = foreign_runs_problem(out)
+    if problem is not None:
+        raise ValueError(problem)
     dirs = own_dirs(out)
     for d in dirs:
         _remove_files(d)
@@ -257,14 +266,9 @@ def choose_out(args: Any, cfg: Any, say: Callable[..., None]) -> Path | None:
         _check_config_file(args, out, source)
         return out
     if args.overwrite:
-        others = foreign_runs(out)
-        if others:
-            names = ", ".join(str(d.relative_to(out)) for d in others[:4]) + (" ..." if len(others) > 4 else "")
-            raise ConfigError(
-                f"--overwrite replaces only the run at {out} (its own files, a comparison's METHOD/seedN and "
-                f"pretrain folders), but {out} holds {len(others)} other run(s) below it ({names}); "
-                f"choose another {source}"
-            )
+        problem = foreign_runs_problem(out, source)
+        if problem is not None:
+            raise ConfigError(problem)
         return out
     if holds_run(out):
         if args.out is not None:
