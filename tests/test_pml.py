@@ -312,18 +312,34 @@ def test_cross_batch_memory_trains(device: torch.device) -> None:
 
 
 @pytest.mark.parametrize("labels", [[0, 0, 1, 1, 2, 2, 3, 3], [3, 1, 2, 0], [1]], ids=["pairs", "one-each", "one"])
-def test_adapter_and_miner_refuse_plain_class_labels(labels: list[int]) -> None:
+def test_adapter_and_miner_warn_on_plain_class_labels(labels: list[int]) -> None:
+    """Values all in [0, 3] decode as one source (loss 0 whatever the embeddings): a warning, not an error,
+    because one patch's views in a batch of their own (a short last batch) pack to the same values."""
     z = randn((len(labels), 8), 3, torch.device("cpu")).requires_grad_(True)
     match = r"`labels` to be packed ViewTags.*ViewTags\(kind, quality, source, \.\.\.\)\.pack\(\).*class labels"
-    with pytest.raises(ValueError, match=match):
-        MultiLevelInfoNCELoss()(z, torch.tensor(labels))
-    with pytest.raises(ValueError, match=match):
+    with pytest.warns(UserWarning, match=match):
+        loss = MultiLevelInfoNCELoss()(z, torch.tensor(labels))
+    assert loss.item() == 0.0
+    with pytest.warns(UserWarning, match=match):
         MultiLevelMiner()(z, torch.tensor(labels))
-    # a batch of source 0 with a reference set of other sources is packed tags, not class labels
+    # a batch of source 0 with a reference set of other sources is packed tags: no warning, a real loss
     ref = four_views(torch.device("cpu"), offset=1)
     ref_z = randn((len(ref), 8), 4, torch.device("cpu"))
-    loss = MultiLevelInfoNCELoss()(z, torch.tensor(labels), ref_emb=ref_z, ref_labels=ref.pack())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        loss = MultiLevelInfoNCELoss()(z, torch.tensor(labels), ref_emb=ref_z, ref_labels=ref.pack())
     assert torch.isfinite(loss)
+
+
+def test_adapter_takes_one_patchs_views_as_a_batch() -> None:
+    """A legitimate one-source batch (the views of one lesion and its healthy patch share source 0 here)
+    trains on: loss 0 and a warning, as the core loss gives, never an exception."""
+    tags = ViewTags(kind=[0, 0, 1, 1], quality=[0, 1, 0, 1], source=[0, 0, 0, 0])
+    z = randn((4, 8), 6, torch.device("cpu")).requires_grad_(True)
+    with pytest.warns(UserWarning, match="class labels"):
+        loss = MultiLevelInfoNCELoss()(z, tags.pack())
+    loss.backward()
+    assert loss.item() == 0.0
 
 
 def test_adapter_warns_once_when_no_level_has_an_anchor(caplog: pytest.LogCaptureFixture) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -70,21 +71,24 @@ def unpack_labels(labels: Tensor, name: str) -> ViewTags:
         raise type(err)(f"`{name}`: {err}") from err
 
 
-def refuse_class_labels(labels: Tensor, ref_labels: Tensor | None) -> None:
-    """Refuse plain class labels where packed :class:`~mlcl_losses.tags.ViewTags` are expected.
+def warn_class_labels(labels: Tensor, ref_labels: Tensor | None) -> None:
+    """Warn (:class:`UserWarning`) when ``labels`` look like plain class labels, not packed tags.
 
-    Small labels decode as valid packed tags: every value in ``[0, 3]`` is source 0 with no
-    label and no image tag. A batch (and reference set) of one source and no label has no
-    negative at any level (negatives never share the anchor's source), so its loss is 0 for
-    certain, whatever the embeddings: such labels are class labels passed by mistake.
+    Small labels decode as valid packed tags: every value in ``[0, 3]`` is source 0 with no label
+    and no image tag. A batch (and reference set) of one source and no label has no negative at any
+    level (negatives never share the anchor's source), so its loss is 0 whatever the embeddings.
+    That is what class labels passed by mistake give, but also a legitimate batch of one patch's
+    views (a last, short batch), so it is a warning, not an error.
     """
     values = labels if ref_labels is None else torch.cat([labels.reshape(-1), ref_labels.reshape(-1).to(labels)])
     if values.numel() and bool((values < 4).all()):
         seen = sorted(int(v) for v in torch.unique(values)[:8])
-        raise ValueError(
+        warnings.warn(
             "Expected `labels` to be packed ViewTags (`ViewTags(kind, quality, source, ...).pack()`), but every "
-            f"value is in [0, 3] (got {seen}): these look like plain class labels. Decoded as packed tags they "
-            "put every view in source 0 with no label, so no anchor has a negative and the loss would be 0"
+            f"value is in [0, 3] (got {seen}): plain class labels? Decoded as packed tags they put every view in "
+            "source 0 with no label, so no anchor has a negative and the loss is 0 (as for any batch of one source)",
+            UserWarning,
+            stacklevel=3,
         )
 
 

@@ -58,8 +58,8 @@ from mlcl_losses._pml_support import (
     level_pair_masks,
     pairs_to_mask,
     reference_tags,
-    refuse_class_labels,
     unpack_labels,
+    warn_class_labels,
 )
 from mlcl_losses.levels import Level, comcl_levels, validate_levels
 from mlcl_losses.tags import ViewTags
@@ -99,9 +99,10 @@ class MultiLevelInfoNCELoss(BaseMetricLossFunction):
 
     Raises:
         ValueError: an option out of range, a non-default ``distance``; at call time,
-            ``labels`` not packed tags, plain class labels (every value of ``labels`` and
-            ``ref_labels`` in ``[0, 3]``: decoded, one source and no label, so the loss would be
-            0 whatever the embeddings), ``indices_tuple`` indices out of range.
+            ``labels`` not packed tags, ``indices_tuple`` indices out of range. Labels that look
+            like plain class labels (every value of ``labels`` and ``ref_labels`` in ``[0, 3]``:
+            decoded, one source and no label, so the loss is 0 whatever the embeddings) give a
+            ``UserWarning``, not an error: one patch's views in a batch of their own look the same.
         TypeError: ``indices_tuple`` of non-integer tensors.
 
     A batch in which no level has an anchor with a positive and a negative gives loss 0 and
@@ -185,7 +186,7 @@ class MultiLevelInfoNCELoss(BaseMetricLossFunction):
         if labels is None:
             raise ValueError("MultiLevelInfoNCELoss needs `labels` (packed ViewTags), but got None")
         tags = unpack_labels(labels, "labels").to(embeddings.device)
-        refuse_class_labels(labels, None if ref_emb is embeddings or not isinstance(ref_labels, Tensor) else ref_labels)
+        warn_class_labels(labels, None if ref_emb is embeddings or not isinstance(ref_labels, Tensor) else ref_labels)
         n = embeddings.shape[0]
         if len(tags) != n:
             raise ValueError(f"`embeddings` and `labels` must have the same length, got {n} and {len(tags)}")
@@ -320,12 +321,13 @@ class MultiLevelMiner(BaseMiner):
                 and passes the positive selector, a negative under the bank rules.
 
         Raises:
-            ValueError: ``labels`` / ``ref_labels`` not packed tags, or plain class labels (every
-                value in ``[0, 3]``; see :class:`MultiLevelInfoNCELoss`).
+            ValueError: ``labels`` / ``ref_labels`` not packed tags (labels that look like plain
+                class labels, every value in ``[0, 3]``, give a ``UserWarning``; see
+                :class:`MultiLevelInfoNCELoss`).
         """
         tags = unpack_labels(labels, "labels")
         ref = None if ref_labels is None else unpack_labels(ref_labels, "ref_labels").to(tags.device)
-        refuse_class_labels(labels, ref_labels)
+        warn_class_labels(labels, ref_labels)
         out: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         for lv in validate_levels(self.levels, tags):
             pos, neg = level_pair_masks(tags, ref, lv)
