@@ -426,7 +426,7 @@ def apply_overrides(tree: dict[str, Any], overrides: Sequence[str], cls: type) -
         if not dotted:
             raise ConfigError(f"override {item!r}: empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = safe_load_unique(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
         if dotted in given:

@@ -1,4 +1,5 @@
-"""YAML as the examples read it: PyYAML's safe loader, with a key written twice in one mapping an error.
+"""YAML as the examples read it: PyYAML's safe loader, with a key written twice in one mapping an error
+and ``1e-3`` a float (YAML 1.1 reads a number with an exponent but no dot as a string).
 
 Plain ``yaml.safe_load`` keeps the last of two equal keys without a word, so a configuration or
 variants file with ``epochs: 3`` and, further down the same section, ``epochs: 30`` silently runs
@@ -8,6 +9,7 @@ with 30. :func:`safe_load_unique` refuses it instead, naming the key and both li
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable
 from typing import Any
 
@@ -39,8 +41,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.1 (PyYAML) reads a number with an exponent but no dot, ``1e-3``, as a string; YAML 1.2 and
+# every user read it as a float. Ints still resolve first (the resolvers above match them).
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def safe_load_unique(text: str) -> Any:
-    """Parse YAML text like :func:`yaml.safe_load`, refusing a key repeated within one mapping.
+    """Parse YAML text like :func:`yaml.safe_load`, refusing a key repeated within one mapping; ``1e-3``
+    is a float, as in YAML 1.2.
 
     Args:
         text: the document.

@@ -116,6 +116,16 @@ def test_yaml_duplicate_keys_refused_merge_keys_kept() -> None:
     assert safe_load_unique("") is None
 
 
+def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
+    """PyYAML (YAML 1.1) reads 1e-3 as a string; the examples read it as a float, in files and in --set."""
+    assert safe_load_unique("[1e-3, -2E+4, 12, 1.5, '1e-3', 1e3x]") == [0.001, -20000.0, 12, 1.5, "1e-3", "1e3x"]
+    path = tmp_path / "c.yaml"
+    path.write_text("pretrain: {temperature: 5e-1}\n")
+    cfg = load_config(_Cfg, path, ["finetune.optim.lr=1e-3"])
+    assert cfg.pretrain.temperature == 0.5
+    assert cfg.finetune.optim.lr == 0.001
+
+
 def test_config_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(_Cfg, tmp_path / "nope.yaml")
